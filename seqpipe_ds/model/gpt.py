@@ -1,0 +1,34 @@
+"""The GPT as a DeepSpeed PipelineModule layer list: the baseline and the sliced run share it."""
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import ProcessTopology
+
+from .config import GPTConfig
+from .layers import EmbeddingPipe, FinalLayerNorm, GPTLoss, TransformerLayer, lm_head
+
+EMBEDDING_KEY = "embed"
+
+
+def gpt_layer_specs(config: GPTConfig):
+    return [
+        TiedLayerSpec(EMBEDDING_KEY, EmbeddingPipe, config, tied_weight_attr="word_embeddings.weight"),
+        *[LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)],
+        LayerSpec(FinalLayerNorm, config),
+        TiedLayerSpec(EMBEDDING_KEY, EmbeddingPipe, config, forward_fn=lm_head,
+                      tied_weight_attr="word_embeddings.weight"),
+    ]
+
+
+def gpt_pipeline(config: GPTConfig, topology: ProcessTopology, seed: int = 1234,
+                 activation_checkpoint_interval: int = 0) -> PipelineModule:
+    """Builds this rank's stage. Layers are seeded by their index (``seed_layers``), so the
+    weights do not depend on how many stages or TP ranks share the model."""
+    return PipelineModule(layers=gpt_layer_specs(config), loss_fn=GPTLoss(), topology=topology,
+                          partition_method="type:TransformerLayer", seed_layers=True, base_seed=seed,
+                          seed_fn=_seed_layer, activation_checkpoint_interval=activation_checkpoint_interval)
+
+
+def _seed_layer(seed) -> None:
+    # DeepSpeed's default seeding passes numpy integers to random.seed, which Python 3.11 rejects;
+    # only torch's generator draws our weights.
+    torch.manual_seed(int(seed))

@@ -1,0 +1,172 @@
+"""TeraPipe's latency model of one pipeline stage, fitted to a profile.
+
+A slice of b sequences, l tokens, after c tokens of context costs
+
+    t(b, l, c) = t0(b, l) + [c > 0] * (a0 + a1*b*l + a2*b*c + a3*b*l*c) + 2 * send(b*l*hidden*bytes)
+
+* t0 is the measured no-context time, interpolated linearly between measured lengths and batch
+  sizes (the profile samples them; the paper measured every multiple of the granularity).
+* The context term is the paper's linear model, scaled by b because every cost in it is per
+  sequence: a2 reading the cached K/V, a3 the attention scores of new against cached tokens, and
+  a0/a1 the step from the plain causal kernel to the cached-context path. It is fitted by least
+  squares on relative residuals, since the plan cares about every slice alike, short or long.
+* send is latency + bytes / bandwidth, fitted the same way; a slice sends its activations forward
+  and its gradients back, hence the 2.
+
+The held-out check refits without a random part of the measured points and reports the relative
+error on them (the paper reports < 2%); the model returned is then refitted on every point.
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+CONTEXT_TERMS = ("a0", "a1*b*l", "a2*b*c", "a3*b*l*c")
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    batch_sizes: List[int]  # measured b, ascending
+    lengths: List[List[int]]  # per batch size: measured l (c = 0), ascending
+    no_context: List[List[float]]  # per batch size: t0 at those lengths
+    context_coef: List[float]  # a0..a3, see CONTEXT_TERMS
+    send_coef: List[float]  # [latency, seconds per byte]
+    bytes_per_token: int  # one sequence's activation of one token: hidden_size * element size
+    update_time: float  # optimizer step of the stage
+
+    def predict(self, b, l, c) -> np.ndarray:
+        """Slice times (compute + sends) for arrays of b, l, c; inf outside the measured b and l."""
+        b, l, c = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(b, l, c))
+        send = self.send_coef[0] + self.send_coef[1] * b * l * self.bytes_per_token
+        return self.compute_time(b, l, c) + 2.0 * send
+
+    def compute_time(self, b, l, c) -> np.ndarray:
+        """Forward + backward time of the stage's layers alone (what the profile measures)."""
+        b, l, c = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(b, l, c))
+        a0, a1, a2, a3 = self.context_coef
+        context = np.where(c > 0, a0 + a1 * b * l + a2 * b * c + a3 * b * l * c, 0.0)
+        return self._no_context(b, l) + context
+
+    def grid(self, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
+        """``grid[b, l // g, c // g]`` for ``solve``: predicted times, inf where l + c > seq_len."""
+        units = seq_len // granularity
+        b, lu, cu = np.meshgrid(np.arange(batch_size + 1), np.arange(units + 1), np.arange(units + 1), indexing="ij")
+        allowed = (b >= 1) & (lu >= 1) & (lu + cu <= units)
+        grid = np.full(b.shape, np.inf)
+        grid[allowed] = self.predict(b[allowed], granularity * lu[allowed], granularity * cu[allowed])
+        return grid
+
+    def _no_context(self, b: np.ndarray, l: np.ndarray) -> np.ndarray:
+        # Linear in l for every measured b, then linear in b. Outside the measured ranges the
+        # model has nothing to say, which the planner must see as "not allowed", not a guess.
+        sizes = np.asarray(self.batch_sizes, dtype=float)
+        flat_b, flat_l = b.ravel(), l.ravel()
+        per_size = np.stack([np.interp(flat_l, ls, ts) for ls, ts in zip(self.lengths, self.no_context)])
+        measured = np.stack([(flat_l >= ls[0]) & (flat_l <= ls[-1]) for ls in self.lengths])
+        upper = np.clip(np.searchsorted(sizes, flat_b), 0, sizes.size - 1)
+        lower = np.where(sizes[upper] == flat_b, upper, np.maximum(upper - 1, 0))
+        span = sizes[upper] - sizes[lower]
+        weight = np.divide(flat_b - sizes[lower], span, out=np.zeros_like(flat_b), where=span > 0)
+        column = np.arange(flat_b.size)
+        t = per_size[lower, column] + weight * (per_size[upper, column] - per_size[lower, column])
+        valid = measured[lower, column] & measured[upper, column] & (flat_b >= sizes[0]) & (flat_b <= sizes[-1])
+        return np.where(valid, t, np.inf).reshape(b.shape)
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "LatencyModel":
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class FitReport:
+    model: LatencyModel
+    heldout_mean_error: float  # relative, on points left out of the check fit
+    heldout_max_error: float
+    heldout_points: int
+    send_error: Optional[float]  # mean relative residual of the send fit; None without p2p data
+
+
+def fit_profile(profile: Dict, holdout: float = 0.2, seed: int = 0) -> FitReport:
+    """Fits the latency model to a profile (see ``profile.py``) and checks it on held-out points."""
+    b, l, c, t = _compute_points(profile)
+    check = _heldout_mask(b, l, c, holdout, np.random.default_rng(seed))
+    send_coef, send_error = _fit_send(profile.get("p2p") or [])
+    shared = dict(send_coef=send_coef, bytes_per_token=_bytes_per_token(profile["config"]),
+                  update_time=float(profile.get("optimizer_step") or 0.0))
+    trial = _fit_compute(b[~check], l[~check], c[~check], t[~check], shared)
+    error = np.abs(trial.compute_time(b[check], l[check], c[check]) - t[check]) / t[check]
+    return FitReport(model=_fit_compute(b, l, c, t, shared),
+                     heldout_mean_error=float(error.mean()) if error.size else float("nan"),
+                     heldout_max_error=float(error.max()) if error.size else float("nan"),
+                     heldout_points=int(error.size), send_error=send_error)
+
+
+def _compute_points(profile: Dict) -> Tuple[np.ndarray, ...]:
+    rows = profile.get("compute") or []
+    if not rows:
+        raise ValueError("the profile has no compute measurements")
+    b, l, c, t = (np.array([row[key] for row in rows], dtype=float) for key in ("b", "l", "c", "time"))
+    if (t <= 0).any() or not np.isfinite(t).all():
+        raise ValueError("the profile holds non-positive or non-finite times")
+    return b, l, c, t
+
+
+def _heldout_mask(b, l, c, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Random points to check on, never a length at either end of its batch size's no-context
+    range (the interpolation needs both ends)."""
+    spare = c > 0
+    for size in np.unique(b):
+        plain = (b == size) & (c == 0)
+        spare |= plain & (l > l[plain].min()) & (l < l[plain].max())
+    candidates = np.flatnonzero(spare)
+    chosen = rng.choice(candidates, size=int(round(fraction * candidates.size)), replace=False)
+    mask = np.zeros(b.size, dtype=bool)
+    mask[chosen] = True
+    return mask
+
+
+def _fit_compute(b, l, c, t, shared: Dict) -> LatencyModel:
+    plain = c == 0
+    sizes = np.unique(b[plain])
+    lengths, no_context = [], []
+    for size in sizes:
+        rows = plain & (b == size)
+        order = np.argsort(l[rows])
+        lengths.append([int(v) for v in l[rows][order]])
+        no_context.append([float(v) for v in t[rows][order]])
+    base = LatencyModel(batch_sizes=[int(s) for s in sizes], lengths=lengths, no_context=no_context,
+                        context_coef=[0.0] * len(CONTEXT_TERMS), **shared)
+    ctx = ~plain
+    if ctx.sum() < len(CONTEXT_TERMS):
+        raise ValueError(f"the profile has {int(ctx.sum())} measurements with context; the context model "
+                         f"({' + '.join(CONTEXT_TERMS)}) needs at least {len(CONTEXT_TERMS)}")
+    bc, lc, cc, tc = b[ctx], l[ctx], c[ctx], t[ctx]
+    residual = tc - base.compute_time(bc, lc, cc)
+    if not np.isfinite(residual).all():
+        raise ValueError("measurements with context lie outside the measured no-context lengths or batch sizes")
+    features = np.stack([np.ones_like(bc), bc * lc, bc * cc, bc * lc * cc], axis=1)
+    coef = _relative_lstsq(features, residual, tc)
+    return LatencyModel(batch_sizes=base.batch_sizes, lengths=lengths, no_context=no_context,
+                        context_coef=[float(v) for v in coef], **shared)
+
+
+def _fit_send(rows: List[Dict]) -> Tuple[List[float], Optional[float]]:
+    if not rows:
+        return [0.0, 0.0], None
+    size, t = (np.array([row[key] for row in rows], dtype=float) for key in ("bytes", "time"))
+    coef = _relative_lstsq(np.stack([np.ones_like(size), size], axis=1), t, t)
+    error = np.abs(coef[0] + coef[1] * size - t) / t
+    return [float(v) for v in coef], float(error.mean())
+
+
+def _relative_lstsq(features: np.ndarray, target: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Least squares on errors relative to ``scale`` (the measured times)."""
+    coef, *_ = np.linalg.lstsq(features / scale[:, None], target / scale, rcond=None)
+    return coef
+
+
+def _bytes_per_token(config: Dict) -> int:
+    return int(config["hidden_size"]) * int(config.get("dtype_bytes", 4))

@@ -1,0 +1,182 @@
+"""Each patch in seqpipe_ds.patches: the failure without it and the fix with it, in fresh subprocesses."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+# Every probe prints one line "RESULT <json>" last; `PATCH` is True/False, set by run_procs.
+MEGATRON_PROBE = """
+import os, torch
+if PATCH:
+    from seqpipe_ds import patches
+    first, second = patches.apply_all(), patches.apply_all()
+import megatron.core.tensor_parallel as tp
+from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core.utils import GlobalMemoryBuffer
+
+torch.distributed.init_process_group("gloo")
+parallel_state.initialize_model_parallel(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]))
+
+def seed():
+    tp.model_parallel_cuda_manual_seed(1234)
+
+def fork():
+    # set the tracked state directly (independent of seed()); the default generator must not move
+    # across a fork region, the tracked state must advance, and restoring it must replay the stream
+    tracker, state = tp.get_cuda_rng_tracker(), torch.manual_seed(7).get_state()
+    tracker.set_states({"model-parallel-rng": state})
+    before = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(4)
+    with tracker.fork():
+        b = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before) and not torch.equal(a, b)
+    tracker.set_states({"model-parallel-rng": state})
+    with tracker.fork():
+        assert torch.equal(torch.rand(4), a)
+
+def buffer():
+    assert GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x").device.type == "cpu"
+
+def gather_output():
+    config = ModelParallelConfig(tensor_model_parallel_size=int(os.environ["WORLD_SIZE"]),
+                                 use_cpu_initialization=True, params_dtype=torch.float32)
+    layer = tp.ColumnParallelLinear(4, 6, config=config, init_method=torch.nn.init.xavier_normal_,
+                                    gather_output=True)
+    out, _ = layer(torch.randn(3, 4))
+    assert out.shape == (3, 6)
+
+result = {}
+for check in (seed, fork, buffer, gather_output):
+    try:
+        check()
+        result[check.__name__] = "ok"
+    except Exception as exc:
+        result[check.__name__] = f"{type(exc).__name__}: {exc}"
+if PATCH:
+    result["applied"] = [first, second]
+torch.distributed.destroy_process_group()
+print("RESULT", json.dumps(result))
+"""
+
+DEEPSPEED_PROBE = """
+import sys, torch
+from deepspeed.accelerator import get_accelerator
+# record (instead of JIT-building) any load of the shm comm op
+builder_cls = type(get_accelerator().create_op_builder("ShareMemCommBuilder"))
+loads = []
+builder_cls.load = lambda self, *a, **k: loads.append(self.NAME)
+if PATCH:
+    from seqpipe_ds.patches import deepspeed_shm  # not apply_all: spares the megatron-core import
+    applied = deepspeed_shm.apply()
+import deepspeed, deepspeed.comm as dist
+deepspeed.init_distributed(dist_backend="gloo")
+x = torch.ones(3) * (dist.get_rank() + 1)
+dist.all_reduce(x)
+y = torch.ones(3) * (dist.get_rank() + 1)
+dist.inference_all_reduce(y)
+expected = sum(range(1, dist.get_world_size() + 1))
+print("RESULT", json.dumps({"loads": loads, "sums": [x.tolist(), y.tolist()], "expected": expected,
+                            "applied": applied if PATCH else None}))
+"""
+
+
+def run_procs(probe, patch, nprocs=1, timeout=90, prelude=""):
+    """Run `probe` as `nprocs` gloo ranks on one host; return [(returncode, result dict or None, stderr)]."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"import json\nPATCH = {patch}\n{textwrap.dedent(prelude)}\n{textwrap.dedent(probe)}"
+    base = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs))
+    procs = [subprocess.Popen([sys.executable, "-W", "ignore", "-c", code], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r))) for r in range(nprocs)]
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+            out.append((p.returncode, json.loads(lines[-1][7:]) if lines else None, stderr[-3000:]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+@pytest.fixture(scope="module")
+def megatron_runs():
+    """The megatron probe at TP=2 without and with the patches: {patch: [result per rank]}."""
+    runs = {}
+    for patch in (False, True):
+        procs = run_procs(MEGATRON_PROBE, patch, nprocs=2)
+        assert all(rc == 0 and res for rc, res, _ in procs), procs
+        runs[patch] = [res for _, res, _ in procs]
+    return runs
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("check", ["seed", "fork", "buffer", "gather_output"])
+def test_megatron_cpu_shim(megatron_runs, check):
+    for res in megatron_runs[False]:
+        assert "Torch not compiled with CUDA enabled" in res[check]  # fails on CPU without the patch
+    for res in megatron_runs[True]:
+        assert res[check] == "ok", res[check]
+
+
+@pytest.mark.timeout(150)
+def test_apply_all_idempotent(megatron_runs):
+    for res in megatron_runs[True]:
+        assert res["applied"] == [["megatron_cpu", "deepspeed_shm"]] * 2
+
+
+@pytest.mark.timeout(60)
+def test_megatron_shim_skipped_with_cuda():
+    probe = """
+    import torch
+    torch.cuda.is_available = lambda: True  # pretend to be a GPU machine
+    import megatron.core.tensor_parallel.random as mrandom
+    names = ["current_device", "get_rng_state", "manual_seed"]
+    before = [getattr(torch.cuda, n) for n in names] + [mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state]
+    from seqpipe_ds import patches
+    applied = patches.apply_all()
+    after = [getattr(torch.cuda, n) for n in names] + [mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state]
+    print("RESULT", json.dumps({"applied": applied, "unchanged": before == after}))
+    """
+    [(rc, res, err)] = run_procs(probe, patch=True)
+    assert rc == 0, err
+    assert "megatron_cpu" not in res["applied"] and res["unchanged"]
+
+
+@pytest.mark.timeout(60)
+def test_deepspeed_shm_op_built_without_patch():
+    [(rc, res, err)] = run_procs(DEEPSPEED_PROBE, patch=False)
+    assert rc == 0, err
+    assert res["loads"] == ["deepspeed_shm_comm"]
+
+
+@pytest.mark.timeout(120)
+def test_deepspeed_shm_patch_clean_exit():
+    for _ in range(3):
+        procs = run_procs(DEEPSPEED_PROBE, patch=True, nprocs=2)
+        for rc, res, err in procs:
+            assert rc == 0, err
+            assert res["loads"] == [] and res["applied"] is True
+            assert res["sums"] == [[res["expected"]] * 3] * 2  # gloo all_reduce and inference_all_reduce
+
+
+@pytest.mark.timeout(30)
+def test_unverified_version_warns():
+    from seqpipe_ds.patches._common import warn_if_unverified
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_unverified("megatron_cpu", "megatron-core", ("0.16",))
+        warn_if_unverified("megatron_cpu", "megatron-core", ("9.9",))
+    assert len(caught) == 1 and "unverified" in str(caught[0].message)
