@@ -1,0 +1,95 @@
+"""seqpipe_ds: token-level (TeraPipe) pipeline parallelism for Megatron GPT training in DeepSpeed.
+
+``seqpipe_ds.initialize`` is a drop-in for ``deepspeed.initialize``: same arguments, same return
+tuple. With a ``"seqpipe": {"enabled": true, ...}`` section in the DeepSpeed config it returns a
+``SeqPipeEngine`` that runs every micro-batch as batch slices x sequence slices; otherwise it is
+exactly ``deepspeed.initialize``.
+"""
+import copy
+import functools
+
+import deepspeed
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.pipe import PipelineModule
+from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
+
+from . import config as seqpipe_config
+from . import protocol
+from .protocol import sliceable
+from .slicing import SlicePlan, make_plan
+
+__all__ = ["initialize", "sliceable", "resolve_plan", "SlicePlan"]
+
+
+def _load_config(args, config, config_params) -> dict:
+    config = config if config is not None else config_params
+    if config is None and getattr(args, "deepspeed_config", None) is not None:
+        config = args.deepspeed_config
+    if config is None:
+        raise ValueError("DeepSpeed requires a config: pass config= or --deepspeed_config")
+    if isinstance(config, dict):
+        return config
+    return load_ds_config(config)
+
+
+def resolve_plan(ds_config: dict, model: PipelineModule) -> SlicePlan:
+    """Checks the whole setup and returns the slicing; raises ValueError before any communication.
+
+    Every rank evaluates the same inputs (the config and the full layer list), so every rank
+    raises the same error and none is left waiting in a collective.
+    """
+    cfg = seqpipe_config.parse(ds_config)
+    if not isinstance(model, PipelineModule):
+        raise ValueError(f"seqpipe needs a deepspeed.pipe.PipelineModule, got {type(model).__name__}")
+    ds = DeepSpeedConfig(copy.deepcopy(ds_config), mpu=model.mpu())
+    problems = protocol.problems(model._layer_specs, model.loss_fn)
+    if ds.zero_optimization_stage >= 2:
+        problems.append(f"ZeRO stage {ds.zero_optimization_stage} is incompatible with pipeline parallelism "
+                        "(use stage 0 or 1)")
+    if model.activation_checkpoint_interval > 0:
+        problems.append("activation checkpointing inside the pipeline module is not supported with seqpipe "
+                        "(recomputation would re-enter the KV cache)")
+    gpt = getattr(model, "gpt_config", None)
+    if gpt is not None and cfg.seq_length > gpt.max_position_embeddings:
+        problems.append(f"seq_length {cfg.seq_length} exceeds max_position_embeddings {gpt.max_position_embeddings}")
+    if problems:
+        raise ValueError("seqpipe cannot run this model: " + "; ".join(problems))
+    batch_slices, seq_slices = cfg.batch_slices, cfg.seq_slices
+    if cfg.plan is not None:
+        batch_slices, seq_slices = _planned_slices(cfg, ds, model)
+    try:
+        return make_plan(batch_slices, seq_slices, ds.train_micro_batch_size_per_gpu, cfg.seq_length)
+    except ValueError as e:
+        raise ValueError(f"seqpipe: {e}") from None
+
+
+def _planned_slices(cfg, ds, model):
+    from .planner.hook import slices_from_plan
+    return slices_from_plan(cfg, ds, model)
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None, lr_scheduler=None,
+               distributed_port=None, mpu=None, dist_init_required=None, collate_fn=None, config=None,
+               mesh_param=None, config_params=None):
+    """``deepspeed.initialize`` with sequence slicing; returns (engine, optimizer, dataloader, lr_scheduler)."""
+    ds_config = _load_config(args, config, config_params)
+    kwargs = dict(model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
+                  lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
+                  config=ds_config, mesh_param=mesh_param)
+    if distributed_port is not None:
+        kwargs["distributed_port"] = distributed_port
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args)  # the config travels as a dict; DeepSpeed refuses both at once
+        args.deepspeed_config = None
+    if not seqpipe_config.parse(ds_config).enabled:
+        return deepspeed.initialize(args=args, **kwargs)
+    plan = resolve_plan(ds_config, model)
+    from .engine import SeqPipeEngine
+    stock = deepspeed.PipelineEngine
+    # deepspeed.initialize builds the pipeline engine from this module attribute; swapping it for
+    # the duration of the call reuses all of DeepSpeed's set-up (config, dist, optimizer, ZeRO).
+    deepspeed.PipelineEngine = functools.partial(SeqPipeEngine, slice_plan=plan)
+    try:
+        return deepspeed.initialize(args=args, **kwargs)
+    finally:
+        deepspeed.PipelineEngine = stock

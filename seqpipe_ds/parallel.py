@@ -45,10 +45,12 @@ def initialize(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, s
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     topology = PipeModelDataParallelTopology(num_pp=pipeline_parallel_size, num_mp=tensor_parallel_size,
                                              num_dp=world // (tensor_parallel_size * pipeline_parallel_size))
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
-                                                 pipeline_model_parallel_size=pipeline_parallel_size,
-                                                 distributed_timeout_minutes=max(1, int(timeout.total_seconds() // 60)))
+    # Re-initialising lets one process run several layouts in turn (the tests do).
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                             pipeline_model_parallel_size=pipeline_parallel_size,
+                                             distributed_timeout_minutes=max(1, int(timeout.total_seconds() // 60)))
     _check_agreement(topology)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return topology

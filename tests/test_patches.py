@@ -1,13 +1,13 @@
 """Each patch in seqpipe_ds.patches: the failure without it and the fix with it, in fresh subprocesses."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import warnings
 
 import pytest
+from launcher import _free_port
 
 # Every probe prints one line "RESULT <json>" last; `PATCH` is True/False, set by run_procs.
 MEGATRON_PROBE = """
@@ -59,7 +59,7 @@ for check in (seed, fork, buffer, gather_output):
     except Exception as exc:
         result[check.__name__] = f"{type(exc).__name__}: {exc}"
 if PATCH:
-    result["applied"] = [first, second]
+    result["applied"] = [first, second, patches.applied()]
 torch.distributed.destroy_process_group()
 print("RESULT", json.dumps(result))
 """
@@ -88,9 +88,7 @@ print("RESULT", json.dumps({"loads": loads, "sums": [x.tolist(), y.tolist()], "e
 
 def run_procs(probe, patch, nprocs=1, timeout=90, prelude=""):
     """Run `probe` as `nprocs` gloo ranks on one host; return [(returncode, result dict or None, stderr)]."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     code = f"import json\nPATCH = {patch}\n{textwrap.dedent(prelude)}\n{textwrap.dedent(probe)}"
     base = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs))
@@ -134,7 +132,7 @@ def test_megatron_cpu_shim(megatron_runs, check):
 @pytest.mark.timeout(150)
 def test_apply_all_idempotent(megatron_runs):
     for res in megatron_runs[True]:
-        assert res["applied"] == [["megatron_cpu", "deepspeed_shm"]] * 2
+        assert res["applied"] == [["megatron_cpu", "deepspeed_shm"]] * 3
 
 
 @pytest.mark.timeout(60)

@@ -69,7 +69,7 @@ class GPT2Vocabulary:
 
     def tokenize(self, text):
         raise NotImplementedError(
-            f"{GPT2_BPE} cannot encode text here: megatron-core's GPT-2 tokenizer needs the "
+            f"{GPT2_BPE} cannot encode or decode text here: megatron-core's GPT-2 tokenizer needs the "
             "'transformers' package and the HuggingFace hub. Preprocess with Megatron-LM's "
             "tools/preprocess_data.py and pass the result as --data-path.")
 

@@ -23,9 +23,11 @@ def gpt_pipeline(config: GPTConfig, topology: ProcessTopology, seed: int = 1234,
                  activation_checkpoint_interval: int = 0) -> PipelineModule:
     """Builds this rank's stage. Layers are seeded by their index (``seed_layers``), so the
     weights do not depend on how many stages or TP ranks share the model."""
-    return PipelineModule(layers=gpt_layer_specs(config), loss_fn=GPTLoss(), topology=topology,
+    module = PipelineModule(layers=gpt_layer_specs(config), loss_fn=GPTLoss(), topology=topology,
                           partition_method="type:TransformerLayer", seed_layers=True, base_seed=seed,
                           seed_fn=_seed_layer, activation_checkpoint_interval=activation_checkpoint_interval)
+    module.gpt_config = config  # lets seqpipe_ds.initialize match plans and check positions
+    return module
 
 
 def _seed_layer(seed) -> None:

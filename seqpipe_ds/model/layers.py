@@ -9,9 +9,11 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from .. import kv_cache
+from ..protocol import sliceable
 from .config import GPTConfig
 
 
+@sliceable
 class EmbeddingPipe(nn.Module):
     """Word + learned absolute position embeddings. Input: (tokens, position_ids), both [b, s]."""
 
@@ -34,6 +36,7 @@ class EmbeddingPipe(nn.Module):
         return self.dropout(self.word_embeddings(tokens) + self.position_embeddings(position_ids))
 
 
+@sliceable
 def lm_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
     """Output layer tied to the word embedding; returns this TP rank's share of the vocabulary."""
     hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
@@ -106,6 +109,7 @@ class MLP(nn.Module):
         return out
 
 
+@sliceable
 class TransformerLayer(nn.Module):
     """Pre-LayerNorm block: x + attn(LN(x)), then x + mlp(LN(x)). Works on any sequence slice."""
 
@@ -124,6 +128,7 @@ class TransformerLayer(nn.Module):
         return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
 
 
+@sliceable
 class FinalLayerNorm(nn.LayerNorm):
     def __init__(self, config: GPTConfig):
         super().__init__(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)

@@ -16,11 +16,13 @@ A slice of b sequences, l tokens, after c tokens of context costs
 The held-out check refits without a random part of the measured points and reports the relative
 error on them (the paper reports < 2%); the model returned is then refitted on every point.
 """
+import json
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+MODEL_FILE_FORMAT = "seqpipe-latency-model/1"
 CONTEXT_TERMS = ("a0", "a1*b*l", "a2*b*c", "a3*b*l*c")
 
 
@@ -39,6 +41,12 @@ class LatencyModel:
         b, l, c = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(b, l, c))
         send = self.send_coef[0] + self.send_coef[1] * b * l * self.bytes_per_token
         return self.compute_time(b, l, c) + 2.0 * send
+
+    def plan_slice_times(self, batch_slices: List[int], input_slices: List[List[int]]) -> List[float]:
+        """Times of a plan's slices in pipeline order (batch slice by batch slice)."""
+        b, l, c = zip(*[(size, length, context) for size, lengths in zip(batch_slices, input_slices)
+                        for length, context in zip(lengths, np.cumsum([0] + lengths[:-1]))])
+        return [float(t) for t in self.predict(b, l, c)]
 
     def compute_time(self, b, l, c) -> np.ndarray:
         """Forward + backward time of the stage's layers alone (what the profile measures)."""
@@ -102,6 +110,32 @@ def fit_profile(profile: Dict, holdout: float = 0.2, seed: int = 0) -> FitReport
                      heldout_mean_error=float(error.mean()) if error.size else float("nan"),
                      heldout_max_error=float(error.max()) if error.size else float("nan"),
                      heldout_points=int(error.size), send_error=send_error)
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A fitted model with the profile's setting (config, device) that planning needs."""
+    model: LatencyModel
+    config: Dict  # the profile's ProfileSpec fields
+    device: str
+
+
+def write_model_file(path: str, report: FitReport, profile: Dict) -> None:
+    data = {"format": MODEL_FILE_FORMAT, "device": profile.get("device"), "torch_version": profile.get("torch_version"),
+            "config": profile["config"], "model": report.model.to_dict(),
+            "heldout_mean_error": report.heldout_mean_error, "heldout_max_error": report.heldout_max_error,
+            "heldout_points": report.heldout_points, "send_error": report.send_error}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def read_model_file(path: str) -> ModelFile:
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("format") != MODEL_FILE_FORMAT:
+        raise ValueError(f"{path} is not a latency model written by `seqpipe-plan fit` (format "
+                         f"{data.get('format')!r}, expected {MODEL_FILE_FORMAT!r})")
+    return ModelFile(model=LatencyModel.from_dict(data["model"]), config=data["config"], device=data["device"])
 
 
 def _compute_points(profile: Dict) -> Tuple[np.ndarray, ...]:

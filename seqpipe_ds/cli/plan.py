@@ -1,0 +1,212 @@
+"""``seqpipe-plan``: profile a stage, fit the latency model, solve for the best slicing, show a plan.
+
+    torchrun --nproc_per_node 2 -m seqpipe_ds.cli.plan profile --num-layers 2 --hidden-size 1024 \\
+        --num-attention-heads 16 --vocab-size 50304 --seq-length 2048 --micro-batch-size 2 --out prof.json
+    seqpipe-plan fit prof.json --out model.json
+    seqpipe-plan solve model.json --num-stages 8 --plan-file dp_results.json --dp 2
+    seqpipe-plan show dp_results.json --index 0 --latency-model model.json --png plan.png
+"""
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+import numpy as np
+
+from ..planner import PlanEntry, read_plans, solve, timeline, write_plan
+from ..planner.fit import CONTEXT_TERMS, fit_profile, read_model_file, write_model_file
+from ..planner.timeline import makespan
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args) or 0
+    except (ValueError, OSError) as e:
+        print(f"seqpipe-plan {args.name}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seqpipe-plan", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("profile", help="measure one stage's slice times, p2p sends and optimizer step")
+    p.set_defaults(command=_profile, name="profile")
+    for flag in ("num-layers", "hidden-size", "num-attention-heads", "vocab-size", "seq-length", "micro-batch-size"):
+        p.add_argument(f"--{flag}", type=int, required=True,
+                       help="layers of ONE stage" if flag == "num-layers" else None)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch that many ranks, or more)")
+    p.add_argument("--granularity", type=int, default=8, help="slice lengths are multiples of this (TeraPipe: 8)")
+    p.add_argument("--length-stride", type=int, default=1,
+                   help="measure every N-th multiple of the granularity without context (the fit interpolates)")
+    p.add_argument("--context-samples", type=int, default=32, help="random slices measured with context")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="batch sizes to measure (default 1..micro batch)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per point; the median is kept")
+    p.add_argument("--p2p-sizes", type=int, nargs="+", default=[], help="message sizes in bytes")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("fit", help="fit the latency model to a profile; report held-out error")
+    p.set_defaults(command=_fit, name="fit")
+    p.add_argument("profile")
+    p.add_argument("--out", required=True, help="latency model JSON to write")
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction of points kept out for the check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid-out", help="also save the solver's grid (numpy .npy) for the profiled setting")
+
+    p = sub.add_parser("solve", help="optimal batch and sequence slicing for a pipeline")
+    p.set_defaults(command=_solve, name="solve")
+    p.add_argument("model", help="latency model JSON from `fit`")
+    p.add_argument("--num-stages", type=int, required=True, help="pipeline stages (PP)")
+    p.add_argument("--batch-size", type=int, help="sequences sliced together (default: profiled micro batch)")
+    p.add_argument("--seq-length", type=int, help="default: the profiled one")
+    p.add_argument("--granularity", type=int, help="default: the profiled one")
+    p.add_argument("--update-time", type=float, help="optimizer step time (default: the profiled one)")
+    p.add_argument("--plan-file", help="add the plan to this plan file (dp_results.json)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size, for the plan file")
+    p.add_argument("--global-batch-size", type=int, help="for the plan file")
+    p.add_argument("--num-model-layers", type=int,
+                   help="layers of the whole model, for the plan file (default: profiled layers x stages)")
+    p.add_argument("--model-name", help="optional model name recorded in the plan file")
+
+    p = sub.add_parser("show", help="print a plan file's plans, or one plan's predicted timeline")
+    p.set_defaults(command=_show, name="show")
+    p.add_argument("plan_file")
+    p.add_argument("--index", type=int, help="plan to show (as listed without it)")
+    p.add_argument("--latency-model", help="latency model JSON: predicts the slice times for the timeline")
+    p.add_argument("--fwd-fraction", type=float, default=1 / 3,
+                   help="share of a slice's time spent in forward (backward takes the rest)")
+    p.add_argument("--png", help="write a Gantt chart of the timeline here")
+    return parser
+
+
+def _profile(args) -> None:
+    import torch.distributed as dist
+
+    from ..parallel import destroy, initialize
+    from ..planner.profile import ProfileSpec, run_profile
+
+    spec = ProfileSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                       num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
+                       seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, tp=args.tp,
+                       granularity=args.granularity, length_stride=args.length_stride,
+                       context_samples=args.context_samples, batch_sizes=args.batch_sizes, warmup=args.warmup,
+                       repeats=args.repeats, p2p_sizes=args.p2p_sizes, dtype=args.dtype, seed=args.seed)
+    initialize(tensor_parallel_size=args.tp)
+    try:
+        profile = run_profile(spec, progress=not args.quiet)
+        if dist.get_rank() == 0:
+            with open(args.out, "w") as f:
+                json.dump(profile, f, indent=1)
+            p2p = f"{len(profile['p2p'])} p2p sizes" if profile["p2p"] else "no p2p (one rank)"
+            print(f"{args.out}: {len(profile['compute'])} slice shapes, {p2p}, optimizer step "
+                  f"{profile['optimizer_step']:.4g} s on {profile['device']}")
+    finally:
+        destroy()
+
+
+def _fit(args) -> None:
+    with open(args.profile) as f:
+        profile = json.load(f)
+    report = fit_profile(profile, holdout=args.holdout, seed=args.seed)
+    write_model_file(args.out, report, profile)
+    model = report.model
+    print(f"no-context table: batch sizes {model.batch_sizes}, {sum(map(len, model.lengths))} lengths")
+    # Each term's name starts with its coefficient ("a2*b*c"): print the value in its place.
+    print("context term: " + " + ".join(f"{c:.4g}{term[2:]}" for term, c in zip(CONTEXT_TERMS, model.context_coef)))
+    if report.send_error is None:
+        print("sends: not measured, taken as free")
+    else:
+        print(f"sends: {model.send_coef[0]:.4g} s + bytes / {1 / model.send_coef[1]:.4g} B/s "
+              f"(mean relative error {report.send_error:.2%})")
+    print(f"optimizer step: {model.update_time:.4g} s")
+    print(f"held-out relative error on {report.heldout_points} points: mean {report.heldout_mean_error:.2%}, "
+          f"max {report.heldout_max_error:.2%}")
+    print(f"wrote {args.out}")
+    if args.grid_out:
+        config = profile["config"]
+        np.save(args.grid_out, model.grid(config["micro_batch_size"], config["seq_length"], config["granularity"]))
+        print(f"wrote {args.grid_out}")
+
+
+def _solve(args) -> None:
+    found = read_model_file(args.model)
+    config = found.config
+    batch = args.batch_size or config["micro_batch_size"]
+    seq_len = args.seq_length or config["seq_length"]
+    granularity = args.granularity or config["granularity"]
+    update = found.model.update_time if args.update_time is None else args.update_time
+    grid = found.model.grid(batch, seq_len, granularity)
+    start = time.perf_counter()
+    plan = solve(grid, batch, seq_len, args.num_stages, granularity, update)
+    elapsed = time.perf_counter() - start
+    unsliced = args.num_stages * float(grid[batch, seq_len // granularity, 0]) + update
+    print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity} "
+          f"(solved in {elapsed:.3f} s)")
+    _print_slices(plan.batch_slices, plan.input_slices)
+    print(f"predicted iteration: {plan.latency:.6g} s; unsliced: {unsliced:.6g} s "
+          f"({unsliced / plan.latency:.2f}x)")
+    if args.plan_file:
+        model = {"num_layers": args.num_model_layers or config["num_layers"] * args.num_stages,
+                 "hidden_size": config["hidden_size"], "num_attention_heads": config["num_attention_heads"],
+                 "seq_length": seq_len, "vocab_size": config["vocab_size"]}
+        if args.model_name:
+            model["name"] = args.model_name
+        entry = PlanEntry(model=model, micro_batch_size=batch, tp=config["tp"], pp=args.num_stages, dp=args.dp,
+                          batch_slices=plan.batch_slices, input_slices=plan.input_slices, latency=plan.latency,
+                          global_batch_size=args.global_batch_size, device=found.device)
+        write_plan(args.plan_file, entry)
+        print(f"wrote to {args.plan_file}: {entry.describe()}")
+
+
+def _show(args) -> None:
+    entries = read_plans(args.plan_file)
+    if args.index is None and len(entries) != 1:
+        print(f"{args.plan_file}: {len(entries)} plans (choose one with --index)")
+        for i, entry in enumerate(entries):
+            print(f"  [{i}] {entry.describe()}: latency {entry.latency:.6g} s")
+        return
+    index = args.index or 0
+    if not 0 <= index < len(entries):
+        raise ValueError(f"--index {index} is out of range: {args.plan_file} has {len(entries)} plans")
+    entry = entries[index]
+    print(f"[{index}] {entry.describe()}")
+    _print_slices(entry.batch_slices, entry.input_slices)
+    print(f"recorded latency: {entry.latency:.6g} s")
+    if not args.latency_model:
+        if args.png:
+            raise ValueError("--png needs --latency-model (the slice times come from it)")
+        return
+    model = read_model_file(args.latency_model).model
+    times = model.plan_slice_times(entry.batch_slices, entry.input_slices)
+    if not np.isfinite(times).all():
+        raise ValueError("the latency model cannot predict every slice of this plan (outside the profiled range)")
+    segments = timeline([t * args.fwd_fraction for t in times], [t * (1 - args.fwd_fraction) for t in times],
+                        entry.pp, model.update_time)
+    print("slices (pipeline order): " + ", ".join(f"S{i}={t:.4g}s" for i, t in enumerate(times)))
+    for stage in range(entry.pp):
+        row = [s for s in segments if s.stage == stage]
+        print(f"stage {stage:>3}: " + "  ".join(
+            f"{'U' if s.phase == 'update' else s.phase[0].upper() + str(s.slice)} {s.start:.4g}-{s.end:.4g}"
+            for s in row))
+    end = makespan(segments)
+    print(f"timeline makespan: {end:.6g} s")
+    if args.png:
+        from ..planner.gantt import draw_gantt
+        draw_gantt(segments, args.png, title=f"{entry.describe()}\nmakespan {end:.4g} s")
+        print(f"wrote {args.png}")
+
+
+def _print_slices(batch_slices: List[int], input_slices: List[List[int]]) -> None:
+    for b, slices in zip(batch_slices, input_slices):
+        print(f"  batch slice of {b}: {len(slices)} sequence slices {slices}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""``SeqPipeEngine``: DeepSpeed's PipelineEngine plus the instructions that sequence slicing adds.
+
+Only the slice-level data path is new: loading a micro-batch once and handing out views of it,
+a KV cache per batch slice, one loss per slice (scaled by the micro-batch's normalizer so the
+slices add up to the unsliced loss), dK/dV fed into the backward of earlier slices, and p2p of
+slice-shaped tensors whose shapes both neighbours know from the plan. Gradient reduction, the
+optimizer step, loss aggregation and checkpointing are DeepSpeed's own.
+"""
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe import p2p
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from . import schedule
+from .kv_cache import KVCache
+from .slicing import SlicePlan
+
+
+class SeqPipeEngine(PipelineEngine):
+
+    def __init__(self, *args, slice_plan: SlicePlan, schedule_cls=schedule.TeraPipeSchedule, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slice_plan = slice_plan
+        self._schedule_cls = schedule_cls
+        self._capacity = getattr(getattr(self.module, "gpt_config", None), "max_position_embeddings", None)
+        self._activation_meta = None  # (trailing shape, dtype) of the tensors sent between stages
+        self._meta_sent = False
+        self._reset_slices()
+
+    def _reset_slices(self):
+        self._caches = {}
+        self._inputs, self._outputs, self._labels, self._losses, self._grads = {}, {}, {}, {}, {}
+        self._normalizer = None
+
+    def _train_schedule(self):
+        return self._schedule_cls(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id,
+                                  plan=self.slice_plan)
+
+    def _exec_load_sliced_micro_batch(self, micro_batch):
+        inputs, labels = self._next_batch()
+        plan = self.slice_plan
+        if self.is_first_stage():
+            tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+            self._check_shape(tensors[0])
+            pieces = [plan.split(t.to(self.device)) for t in tensors]
+            self._inputs = {u: tuple(p[u] for p in pieces) if len(pieces) > 1 else pieces[0][u] for u in plan.units()}
+        if self.is_last_stage():
+            tensors = labels if isinstance(labels, (tuple, list)) else (labels,)
+            tensors = tuple(t.to(self.device) for t in tensors)
+            self._check_shape(tensors[0])
+            self._normalizer = self.module.loss_fn.normalizer(tensors if len(tensors) > 1 else tensors[0])
+            pieces = [plan.split(t) for t in tensors]
+            self._labels = {u: tuple(p[u] for p in pieces) if len(pieces) > 1 else pieces[0][u] for u in plan.units()}
+
+    def _check_shape(self, tensor):
+        expected = (self.slice_plan.micro_batch_size, self.slice_plan.seq_length)
+        if tuple(tensor.shape[:2]) != expected:
+            raise ValueError(f"seqpipe: a micro-batch of shape {tuple(tensor.shape[:2])} does not match the "
+                             f"configured (micro_batch_size, seq_length) = {expected}")
+
+    def _exec_forward_slice(self, micro_batch, unit):
+        self.tput_timer.start()
+        b, s = unit
+        if s == 0:
+            self._caches[b] = KVCache(self._capacity)
+        # The first stage's inputs are token ids (no gradient to send back); later stages keep
+        # theirs until SendSliceGrad.
+        inputs = self._inputs.pop(unit) if self.is_first_stage() else self._inputs[unit]
+        with self._caches[b].slice(s):
+            outputs = DeepSpeedEngine.forward(self, inputs)
+        if not self.is_last_stage():
+            self._outputs[unit] = outputs
+            return
+        loss = self.module.loss_fn(outputs, self._labels.pop(unit), normalizer=self._normalizer)
+        self._losses[unit] = loss
+        self.total_loss = loss.detach().clone() if self.total_loss is None else self.total_loss + loss.detach()
+
+    def _exec_backward_slice(self, micro_batch, unit):
+        b, s = unit
+        if self.is_last_stage():
+            tensors, grads = [self._losses.pop(unit)], [None]
+        else:
+            tensors, grads = [self._outputs.pop(unit)], [self._grads.pop(unit)]
+        tensors, grads = self._caches[b].backward_args(s, tensors, grads)
+        # The same bookkeeping as PipelineEngine's backward of a non-last stage: the output
+        # hooks DeepSpeedEngine.forward registered do the GAS scaling (last stage) and prologue.
+        if self.using_bf16_optimizer:
+            self.optimizer.clear_lp_grads()
+        self._running_engine_backward = True
+        try:
+            torch.autograd.backward(tensors, grads)
+        finally:
+            self._running_engine_backward = False
+        if self.using_bf16_optimizer and not self._config.bfloat16_config.immediate_grad_update:
+            self.optimizer.update_hp_grads(clear_lp_grads=False)
+        self._caches[b].release(s)
+        if s == 0:
+            del self._caches[b]
+
+    def _exec_send_slice_activation(self, micro_batch, unit):
+        outputs = self._outputs[unit]
+        if not torch.is_tensor(outputs):
+            raise TypeError("seqpipe: pipeline stages must pass one tensor to the next stage, got "
+                            f"{type(outputs).__name__}")
+        if not self._meta_sent:
+            self._send_tensor_meta(outputs, self.next_stage)
+            self._meta_sent = True
+        p2p.send(outputs.contiguous(), self.next_stage)
+
+    def _exec_recv_slice_activation(self, micro_batch, unit):
+        if self._activation_meta is None:
+            probe = self._recv_tensor_meta(self.prev_stage)
+            self._activation_meta = (tuple(probe.shape[2:]), probe.dtype)
+        tail, dtype = self._activation_meta
+        received = torch.empty(self.slice_plan.shape(unit) + tail, dtype=dtype, device=self.device)
+        p2p.recv(received, self.prev_stage)
+        self._inputs[unit] = received.requires_grad_(received.is_floating_point())
+
+    def _exec_send_slice_grad(self, micro_batch, unit):
+        p2p.send(self._inputs.pop(unit).grad, self.prev_stage)
+
+    def _exec_recv_slice_grad(self, micro_batch, unit):
+        grad = torch.empty_like(self._outputs[unit])
+        p2p.recv(grad, self.next_stage)
+        self._grads[unit] = grad
+
+    def _exec_schedule(self, pipe_schedule):
+        self._reset_slices()
+        super()._exec_schedule(pipe_schedule)
+
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        schedule.LoadMicroBatch: _exec_load_sliced_micro_batch,
+        schedule.ForwardSlice: _exec_forward_slice,
+        schedule.BackwardSlice: _exec_backward_slice,
+        schedule.SendSliceActivation: _exec_send_slice_activation,
+        schedule.RecvSliceActivation: _exec_recv_slice_activation,
+        schedule.SendSliceGrad: _exec_send_slice_grad,
+        schedule.RecvSliceGrad: _exec_recv_slice_grad,
+    }

@@ -1,0 +1,239 @@
+"""Megatron-LM's GPT pretraining arguments (the subset seqpipe_ds implements), their validation, and
+the DeepSpeed config and learning-rate schedule they imply.
+
+Megatron names and defaults are kept so that an existing Megatron + DeepSpeed launch line carries
+over; an argument we do not implement is rejected by name rather than silently ignored.
+"""
+import argparse
+import json
+import os
+
+import deepspeed
+from megatron.core.datasets.utils import get_blend_from_list
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from seqpipe_ds.data.indexed import require_indexed_dataset
+from seqpipe_ds.data.tokenizer import BYTE_LEVEL, GPT2_BPE, TOKENIZER_TYPES, build_tokenizer
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+_POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings",
+             "micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
+             "pipeline_model_parallel_size", "train_iters", "log_interval", "eval_interval", "save_interval")
+
+
+def build_parser():
+    # allow_abbrev=False as in Megatron-LM: a prefix of one of our names must not pass for it.
+    parser = argparse.ArgumentParser(description="GPT pretraining with seqpipe_ds", allow_abbrev=False)
+    model = parser.add_argument_group("model")
+    model.add_argument("--num-layers", type=int, required=True)
+    model.add_argument("--hidden-size", type=int, required=True)
+    model.add_argument("--num-attention-heads", type=int, required=True)
+    model.add_argument("--seq-length", type=int, required=True)
+    model.add_argument("--max-position-embeddings", type=int, default=None,
+                       help="defaults to --seq-length")
+
+    batch = parser.add_argument_group("batch and parallelism")
+    batch.add_argument("--micro-batch-size", type=int, required=True)
+    batch.add_argument("--global-batch-size", type=int, default=None,
+                       help="defaults to micro batch size × data-parallel size")
+    batch.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    batch.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+
+    optim = parser.add_argument_group("optimizer and schedule")
+    optim.add_argument("--lr", type=float, required=True)
+    optim.add_argument("--min-lr", type=float, default=0.0)
+    optim.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="linear")
+    optim.add_argument("--lr-warmup-iters", type=int, default=0)
+    optim.add_argument("--weight-decay", type=float, default=0.01)
+    optim.add_argument("--clip-grad", type=float, default=1.0)
+    optim.add_argument("--train-iters", type=int, required=True)
+    optim.add_argument("--seed", type=int, default=1234)
+    optim.add_argument("--bf16", action="store_true")
+    optim.add_argument("--fp16", action="store_true", help="rejected: seqpipe_ds trains in fp32 or bf16")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", nargs="*", default=None,
+                      help="Megatron .bin/.idx prefixes, each optionally preceded by a weight; "
+                           "without it, the embedded corpus")
+    data.add_argument("--split", default="969, 30, 1")
+    data.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=BYTE_LEVEL)
+    data.add_argument("--vocab-file", default=None)
+    data.add_argument("--merge-file", default=None)
+
+    logging = parser.add_argument_group("checkpointing and logging")
+    logging.add_argument("--save", default=None)
+    logging.add_argument("--load", default=None)
+    logging.add_argument("--save-interval", type=int, default=None)
+    logging.add_argument("--log-interval", type=int, default=100)
+    logging.add_argument("--eval-interval", type=int, default=1000)
+    logging.add_argument("--eval-iters", type=int, default=100)
+    logging.add_argument("--log-file", default=None, help="append one JSON object per logged iteration")
+
+    # The deepspeed launcher passes --local_rank=N; torch's launchers spell it --local-rank.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.add_config_arguments(parser)
+    return parser
+
+
+def _unsupported(unknown):
+    names = [item.split("=", 1)[0] for item in unknown if item.startswith("-")]
+    return ", ".join(names or unknown)
+
+
+def validate_args(args, world_size):
+    """Checks the arguments against each other and the launch, raising ValueError with one clear
+    message, and fills in the derived values: world_size, data_parallel_size, and the defaults of
+    --max-position-embeddings and --global-batch-size."""
+    if args.fp16:
+        raise ValueError("--fp16 is not supported: seqpipe_ds trains in fp32 (the default) or bf16 (--bf16)")
+    for name in _POSITIVE:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.eval_iters < 0:
+        raise ValueError(f"--eval-iters must not be negative, got {args.eval_iters}")
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"the launch has {world_size} processes, which tensor-parallel size "
+            f"{args.tensor_model_parallel_size} × pipeline-parallel size {args.pipeline_model_parallel_size} "
+            f"= {model_parallel} does not divide")
+    args.world_size = world_size
+    args.data_parallel_size = world_size // model_parallel
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+
+    if args.num_attention_heads % args.tensor_model_parallel_size:
+        raise ValueError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                         f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    if args.hidden_size % args.num_attention_heads:
+        raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by "
+                         f"--num-attention-heads {args.num_attention_heads}")
+    if args.seq_length > args.max_position_embeddings:
+        raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                         f"{args.max_position_embeddings}")
+    samples_per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % samples_per_step:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} × data-parallel size {args.data_parallel_size} = {samples_per_step}")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} must lie between 0 and --lr {args.lr}")
+    if not 0 <= args.lr_warmup_iters < args.train_iters:
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
+    if args.save_interval is not None and args.save is None:
+        raise ValueError("--save-interval needs --save (the checkpoint directory)")
+    if args.tokenizer_type == GPT2_BPE:
+        if not args.data_path:
+            raise ValueError(f"--tokenizer-type {GPT2_BPE} needs --data-path: it reads data already "
+                             "preprocessed with that tokenizer and cannot encode the embedded corpus")
+        build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    if args.data_path:
+        for prefix in get_blend_from_list(args.data_path)[0]:
+            try:
+                require_indexed_dataset(prefix)
+            except FileNotFoundError as error:
+                raise ValueError(str(error)) from None
+
+
+def parse_args(argv=None, world_size=None):
+    """Parses and validates; any problem exits with one usage message, as argparse does.
+    world_size defaults to the launcher's WORLD_SIZE."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unsupported arguments: {_unsupported(unknown)} (see --help for the supported ones)")
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        validate_args(args, world_size)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def num_samples(args):
+    """(train, valid, test) sample counts as Megatron-LM requests them for iteration-based
+    training; no test samples, since the training loop evaluates on the validation split only."""
+    train = args.train_iters * args.global_batch_size
+    evaluations = args.train_iters // args.eval_interval + 1
+    return train, evaluations * args.eval_iters * args.global_batch_size, 0
+
+
+def _merge(base, overrides, path=""):
+    merged = dict(base)
+    for key, value in overrides.items():
+        name = f"{path}{key}"
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value, f"{name}.")
+        elif key in merged and merged[key] != value:
+            raise ValueError(f"--deepspeed_config sets {name} = {merged[key]!r}, but the command line "
+                             f"implies {value!r}: drop it from the JSON or change the argument")
+        else:
+            merged[key] = value
+    return merged
+
+
+def deepspeed_config(args):
+    """The DeepSpeed config: --deepspeed_config's JSON, if given, with what the Megatron arguments
+    decide laid over it. A JSON value that contradicts them is an error, as are fp16 and a DeepSpeed
+    scheduler (the learning-rate schedule is Megatron's, see lr_scheduler).
+
+    Pass it as deepspeed.initialize(config=...) with args.deepspeed_config unset: DeepSpeed refuses
+    a config given both ways.
+    """
+    base = {}
+    if args.deepspeed_config:
+        with open(args.deepspeed_config, encoding="utf-8") as f:
+            base = json.load(f)
+    if base.get("fp16", {}).get("enabled"):
+        raise ValueError(f"{args.deepspeed_config} enables fp16: seqpipe_ds trains in fp32 or bf16 (--bf16)")
+    if "scheduler" in base:
+        raise ValueError(f"{args.deepspeed_config} has a scheduler: the schedule comes from --lr, --min-lr, "
+                         "--lr-decay-style and --lr-warmup-iters; remove it from the JSON")
+    return _merge(base, {
+        "train_batch_size": args.global_batch_size,
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_clipping": args.clip_grad,
+        "bf16": {"enabled": args.bf16},
+        # DeepSpeed's "Adam" is decoupled-weight-decay AdamW, as Megatron's adam; torch_adam avoids
+        # compiling the fused_adam op at run time.
+        "optimizer": {"type": "Adam",
+                      "params": {"lr": args.lr, "weight_decay": args.weight_decay, "torch_adam": True}},
+    })
+
+
+def lr_scheduler(args):
+    """Megatron's learning-rate schedule as deepspeed.initialize(lr_scheduler=...): a callable that
+    DeepSpeed applies to its optimizer, returning megatron-core's own OptimizerParamScheduler.
+
+    Megatron-LM counts this scheduler's steps in samples (warmup and decay lengths are iterations ×
+    global batch size). DeepSpeed calls step() without arguments; it fails on the missing increment
+    and DeepSpeed retries step(train_batch_size()) -- the path DeepSpeed keeps for Megatron -- so
+    each optimizer step advances it by one global batch, as in Megatron-LM. The weight decay is
+    held constant; a parameter group with "wd_mult": 0.0 (biases, norms) gets none.
+    """
+    samples_per_iteration = args.global_batch_size
+
+    def build(optimizer):
+        return OptimizerParamScheduler(
+            optimizer,
+            init_lr=0.0,
+            max_lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters * samples_per_iteration,
+            lr_decay_steps=args.train_iters * samples_per_iteration,
+            lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay,
+            end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters * samples_per_iteration,
+            wd_incr_style="constant",
+            # Megatron-LM's defaults: resuming with a different schedule is an error.
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=False,
+        )
+
+    return build

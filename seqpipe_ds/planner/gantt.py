@@ -1,0 +1,31 @@
+"""PNG Gantt chart of a predicted timeline (one row per stage)."""
+from typing import Sequence
+
+from .timeline import Segment
+
+COLORS = {"fwd": "tab:blue", "bwd": "tab:orange", "update": "tab:gray"}
+
+
+def draw_gantt(segments: Sequence[Segment], path: str, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on training nodes
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    stages = 1 + max(s.stage for s in segments)
+    fig, ax = plt.subplots(figsize=(12, max(2.0, 0.3 * stages + 1.2)))
+    for phase, color in COLORS.items():
+        bars = [(s.start, s.end - s.start) for s in segments if s.phase == phase]
+        rows = [s.stage for s in segments if s.phase == phase]
+        for row in sorted(set(rows)):
+            ax.broken_barh([bar for bar, r in zip(bars, rows) if r == row], (row - 0.4, 0.8), facecolors=color,
+                           edgecolors="white", linewidth=0.3, label=phase if row == min(rows) else None)
+    ax.set_ylim(stages - 0.5, -0.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("stage")
+    ax.set_xlabel("time (s)")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

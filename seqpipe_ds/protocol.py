@@ -1,0 +1,37 @@
+"""What a pipeline model must offer to be run slice by slice.
+
+A layer can take a sequence slice when it is position-wise or, like attention, finds earlier
+positions through ``kv_cache.current()``. Nothing in a layer list says which is which, so layers
+declare it with ``@sliceable``; the loss must accept the normalizer of the whole micro-batch.
+"""
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+MARK = "supports_sequence_slices"
+
+
+def sliceable(obj):
+    """Class or function decorator: this layer gives the same result run slice by slice."""
+    setattr(obj, MARK, True)
+    return obj
+
+
+def _name(obj) -> str:
+    return getattr(obj, "__qualname__", None) or type(obj).__name__
+
+
+def problems(layer_specs, loss_fn) -> list:
+    """Reasons the model cannot be sliced (empty when it can)."""
+    found = []
+    for idx, spec in enumerate(layer_specs):
+        if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
+            target = spec.forward_fn
+        elif isinstance(spec, LayerSpec):
+            target = spec.typename
+        else:
+            target = spec
+        if not getattr(target, MARK, False):
+            found.append(f"layer {idx} ({_name(target)}) is not marked @seqpipe_ds.sliceable")
+    if not callable(getattr(loss_fn, "normalizer", None)):
+        found.append(f"loss_fn {_name(loss_fn)} has no normalizer(labels) method, so per-slice losses cannot be "
+                     "scaled to the micro-batch mean")
+    return found

@@ -1,0 +1,76 @@
+"""Per-rank training runs for the exactness tests: stock DeepSpeed pipelining vs seqpipe.
+
+``train(case)`` trains ``STEPS`` Adam steps of the tiny GPT and returns, gathered to full
+(TP-unsharded) tensors: the loss of every step, the gradient of every parameter this rank holds
+at every step (when the optimizer exposes them: fp32 without ZeRO), and the final parameters.
+"""
+import torch
+
+from common import make_batch, tiny_config
+
+STEPS = 3
+SEQ = 16
+VOCAB = 128
+
+
+def ds_config(case, seqpipe=None):
+    cfg = {
+        "train_micro_batch_size_per_gpu": case["mbs"],
+        "gradient_accumulation_steps": case.get("gas", 1),
+        "train_batch_size": case["mbs"] * case.get("gas", 1) * case.get("dp", 1),
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+        "zero_optimization": {"stage": case.get("zero", 0)},
+        "steps_per_print": 10 ** 6,
+    }
+    if case.get("clip"):
+        cfg["gradient_clipping"] = case["clip"]
+    if case.get("bf16"):
+        cfg["bf16"] = {"enabled": True}
+    if seqpipe is not None:
+        cfg["seqpipe"] = {"enabled": True, "seq_length": SEQ, **seqpipe}
+    return cfg
+
+
+def micro_batches(case, step, dp_rank):
+    """The micro-batches of one DP rank in one step; all DP ranks together cover the global batch."""
+    gas, mbs = case.get("gas", 1), case["mbs"]
+    return [make_batch(mbs, SEQ, VOCAB, seed=1000 * step + dp_rank * gas + i) for i in range(gas)]
+
+
+def full(module, name, tensor):
+    """Gathers a TP-sharded parameter-shaped tensor into the full tensor."""
+    from megatron.core import parallel_state
+    param = dict(module.named_parameters())[name]
+    if not getattr(param, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return tensor.detach().float().clone()
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(tensor) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=param.partition_dim).float()
+
+
+def train(case, seqpipe=None):
+    import seqpipe_ds
+    from seqpipe_ds import parallel
+    from seqpipe_ds.model import gpt_pipeline
+    topo = parallel.initialize(tensor_parallel_size=case.get("tp", 1), pipeline_parallel_size=case.get("pp", 1))
+    model = gpt_pipeline(tiny_config(), topo, seed=11)
+    engine, optimizer, _, _ = seqpipe_ds.initialize(model=model, model_parameters=model.parameters(),
+                                                    config=ds_config(case, seqpipe))
+    grads = []
+    exposes_grads = not case.get("zero") and not case.get("bf16")
+    if exposes_grads:
+        optimizer.register_step_pre_hook(lambda *_: grads.append(
+            {n: full(engine.module, n, p.grad) for n, p in engine.module.named_parameters()}))
+    losses = []
+    dp_rank = engine.grid.data_parallel_id
+    for step in range(STEPS):
+        losses.append(engine.train_batch(data_iter=iter(micro_batches(case, step, dp_rank))).item())
+    params = {n: full(engine.module, n, p) for n, p in engine.module.named_parameters()}
+    tp_rank = engine.grid.get_slice_parallel_rank()
+    return {"losses": losses, "grads": grads, "params": params, "report": dp_rank == 0 and tp_rank == 0}
+
+
+def train_many(runs):
+    """Several (case, seqpipe) runs in one process world, one after another."""
+    return [train(case, seqpipe) for case, seqpipe in runs]
