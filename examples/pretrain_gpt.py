@@ -100,8 +100,13 @@ def main():
     dp_size = parallel_state.get_data_parallel_world_size()
     train_batches = pipeline_batches(train_set, args.micro_batch_size, dp_rank, dp_size,
                                      consumed_samples=iteration * args.global_batch_size)
-    # Megatron sized the validation split for every evaluation in a row, so one iterator serves all.
-    valid_batches = pipeline_batches(valid_set, args.micro_batch_size, dp_rank, dp_size) if valid_set else None
+    # The validation split is sized for every evaluation in a row (megatron_args.num_samples), so one
+    # iterator serves them all; a resumed run skips what earlier evaluations read, as Megatron does.
+    valid_batches = None
+    if valid_set:
+        valid_batches = pipeline_batches(
+            valid_set, args.micro_batch_size, dp_rank, dp_size,
+            consumed_samples=iteration // args.eval_interval * args.eval_iters * args.global_batch_size)
 
     flops = flops_per_iteration(args, vocab_size)
     log = RunLog(args, iteration)

@@ -21,9 +21,8 @@ def ds_config(case, seqpipe=None):
         "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
         "zero_optimization": {"stage": case.get("zero", 0)},
         "steps_per_print": 10 ** 6,
+        "gradient_clipping": case.get("clip", 0.0),  # DeepSpeed clips at 1.0 unless told otherwise
     }
-    if case.get("clip"):
-        cfg["gradient_clipping"] = case["clip"]
     if case.get("bf16"):
         cfg["bf16"] = {"enabled": True}
     if seqpipe is not None:

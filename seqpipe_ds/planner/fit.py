@@ -149,16 +149,19 @@ def _compute_points(profile: Dict) -> Tuple[np.ndarray, ...]:
 
 
 def _heldout_mask(b, l, c, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Random points to check on, never a length at either end of its batch size's no-context
-    range (the interpolation needs both ends)."""
-    spare = c > 0
+    """Random points to check on. Never a length at either end of its batch size's no-context
+    range (the interpolation needs both ends), nor so many context points that the check fit
+    would have fewer than it needs."""
+    interior = np.zeros(b.size, dtype=bool)
     for size in np.unique(b):
         plain = (b == size) & (c == 0)
-        spare |= plain & (l > l[plain].min()) & (l < l[plain].max())
-    candidates = np.flatnonzero(spare)
-    chosen = rng.choice(candidates, size=int(round(fraction * candidates.size)), replace=False)
+        interior |= plain & (l > l[plain].min()) & (l < l[plain].max())
+    context = np.flatnonzero(c > 0)
+    keep = max(0, context.size - len(CONTEXT_TERMS))
+    chosen = [rng.choice(interior.nonzero()[0], size=int(round(fraction * interior.sum())), replace=False),
+              rng.choice(context, size=min(keep, int(round(fraction * context.size))), replace=False)]
     mask = np.zeros(b.size, dtype=bool)
-    mask[chosen] = True
+    mask[np.concatenate(chosen)] = True
     return mask
 
 

@@ -1,4 +1,5 @@
 """PNG Gantt chart of a predicted timeline (one row per stage)."""
+import textwrap
 from typing import Sequence
 
 from .timeline import Segment
@@ -24,8 +25,8 @@ def draw_gantt(segments: Sequence[Segment], path: str, title: str = "") -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("stage")
     ax.set_xlabel("time (s)")
-    ax.set_title(title)
-    ax.legend(loc="upper right")
+    ax.set_title("\n".join(textwrap.fill(line, 110) for line in title.splitlines()), fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,150 @@
+"""Plan files: writing, finding, every failure as one PlanFileError, and TeraPipe's format."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from seqpipe_ds.planner import PlanEntry, PlanFileError, find_plan, read_plans, write_plan
+
+MODEL = {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 128, "vocab_size": 256}
+SHAPE = {k: v for k, v in MODEL.items() if k != "seq_length"}
+
+
+def entry(**changes):
+    fields = dict(model=dict(MODEL), micro_batch_size=2, tp=1, pp=2, dp=1, batch_slices=[1, 1],
+                  input_slices=[[64, 32, 32], [96, 32]], latency=0.5, global_batch_size=8, device="cpu")
+    fields.update(changes)
+    return PlanEntry(**fields)
+
+
+def find(path, **changes):
+    query = dict(model=SHAPE, micro_batch_size=2, tp=1, pp=2, dp=1, seq_length=128)
+    query.update(changes)
+    return find_plan(str(path), **query)
+
+
+LEGACY = [
+    {"model_name": "gpt3-1b", "batch_size": 2, "model_parallel_size": 1, "pipeline_length": 2,
+     "data_parallel_size": 1, "n_nodes": 1, "gpus_per_node": 2, "latency": 1.25, "batch_slices": [2],
+     "input_slices": [[96, 32]]},
+    {"model_name": "gpt3-13b", "batch_size": 4, "model_parallel_size": 8, "pipeline_length": 4,
+     "data_parallel_size": 1, "n_nodes": 4, "gpus_per_node": 8, "latency": 3.5, "batch_slices": [2, 2],
+     "input_slices": [64, 64]},  # one slicing shared by both batch slices
+]
+
+
+@pytest.mark.timeout(60)
+def test_write_read_and_replace(tmp_path):
+    path = tmp_path / "dp_results.json"
+    write_plan(str(path), entry())
+    write_plan(str(path), entry(pp=4, latency=0.7))
+    assert read_plans(str(path)) == [entry(), entry(pp=4, latency=0.7)]
+    write_plan(str(path), entry(latency=0.4, input_slices=[[128], [128]]))  # same setting: replaced
+    plans = read_plans(str(path))
+    assert len(plans) == 2 and plans[0].latency == 0.4 and plans[0].input_slices == [[128], [128]]
+    assert isinstance(json.loads(path.read_text()), list)
+
+
+@pytest.mark.timeout(60)
+def test_find_plan_by_config_object_or_mapping(tmp_path):
+    path = tmp_path / "dp_results.json"
+    for pp in (2, 4):
+        write_plan(str(path), entry(pp=pp, latency=float(pp)))
+    write_plan(str(path), entry(model={**MODEL, "hidden_size": 128}, latency=9.0))
+    config = SimpleNamespace(**SHAPE, max_position_embeddings=128)  # what GPTConfig offers
+    assert find(path, model=config, pp=4).latency == 4.0
+    assert find(path, model=SHAPE, pp=2).latency == 2.0
+    assert find(path, model={**SHAPE, "hidden_size": 128}).latency == 9.0
+    assert find(path, device="cpu", global_batch_size=8).latency == 2.0
+
+
+@pytest.mark.timeout(60)
+def test_missing_and_corrupt_files(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(PlanFileError, match=f"plan file {missing} does not exist"):
+        find(missing)
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('[{"model": ')
+    with pytest.raises(PlanFileError, match=f"plan file {corrupt} is not valid JSON \\(line 1"):
+        find(corrupt)
+    not_list = tmp_path / "dict.json"
+    not_list.write_text("{}")
+    with pytest.raises(PlanFileError, match="must hold a JSON list of plans, not a dict"):
+        find(not_list)
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text(json.dumps([entry().to_json(), {"model": MODEL, "tp": 1}]))
+    with pytest.raises(PlanFileError, match=r"entry \[1\] is malformed"):
+        find(malformed)
+    with pytest.raises(PlanFileError, match="not valid JSON"):
+        write_plan(str(corrupt), entry())  # a corrupt file is never overwritten
+    assert corrupt.read_text() == '[{"model": '
+
+
+@pytest.mark.timeout(60)
+def test_no_match_lists_what_the_file_holds(tmp_path):
+    path = tmp_path / "dp_results.json"
+    write_plan(str(path), entry())
+    write_plan(str(path), entry(tp=2))
+    with pytest.raises(PlanFileError) as error:
+        find(path, dp=4)
+    message = str(error.value)
+    assert message.startswith(f"plan file {path} has no plan for model num_layers=4")
+    assert "dp=4" in message and "seq_length=128" in message
+    assert "[0] model num_layers=4, hidden_size=64" in message and "tp=1" in message
+    assert "[1] model" in message and "tp=2" in message
+    with pytest.raises(PlanFileError, match="seq_length=256"):
+        find(path, seq_length=256)  # recorded with the model: a different length is another setting
+    assert PlanFileError.__mro__[1] is ValueError
+
+
+@pytest.mark.timeout(60)
+def test_slices_must_cover_the_sequence_and_the_micro_batch(tmp_path):
+    path = tmp_path / "dp_results.json"
+    write_plan(str(path), entry(input_slices=[[64, 32, 32], [96, 16]]))
+    with pytest.raises(PlanFileError, match=r"input_slices\[1\] \[96, 16\] do not split the sequence of 128"):
+        find(path)
+    write_plan(str(path), entry(batch_slices=[1, 2], input_slices=[[128], [128]]))
+    with pytest.raises(PlanFileError, match=r"batch_slices \[1, 2\] do not split the micro batch of 2"):
+        find(path)
+    write_plan(str(path), entry(batch_slices=[1, 1], input_slices=[[128]]))
+    with pytest.raises(PlanFileError, match="1 lists of input_slices for 2 batch slices"):
+        find(path)
+
+
+@pytest.mark.timeout(60)
+def test_ambiguous_match_asks_for_the_device(tmp_path):
+    path = tmp_path / "dp_results.json"
+    write_plan(str(path), entry(device="cpu"))
+    write_plan(str(path), entry(device="NVIDIA H100"))
+    with pytest.raises(PlanFileError, match="has 2 plans for .*give the device"):
+        find(path)
+    assert find(path, device="NVIDIA H100").device == "NVIDIA H100"
+
+
+@pytest.mark.timeout(60)
+def test_terapipe_format_is_read_and_matched_by_name(tmp_path):
+    path = tmp_path / "dp_results.json"
+    path.write_text(json.dumps(LEGACY))
+    first, second = read_plans(str(path))
+    assert first == PlanEntry(model={"name": "gpt3-1b"}, micro_batch_size=2, tp=1, pp=2, dp=1, batch_slices=[2],
+                              input_slices=[[96, 32]], latency=1.25, extra={"n_nodes": 1, "gpus_per_node": 2})
+    assert second.input_slices == [[64, 64], [64, 64]] and second.tp == 8
+    assert find(path, model="gpt3-1b").latency == 1.25
+    assert find(path, model={**SHAPE, "name": "gpt3-1b"}, device="cpu").latency == 1.25
+    assert find(path, model="gpt3-13b", micro_batch_size=4, tp=8, pp=4, seq_length=128).latency == 3.5
+    # Layer shapes alone cannot match a bare name: the message shows what the file holds.
+    with pytest.raises(PlanFileError, match=r"\[0\] model 'gpt3-1b' \(TeraPipe format\), micro_batch_size=2"):
+        find(path, model=SHAPE)
+    with pytest.raises(PlanFileError, match="do not split the sequence of 256"):
+        find(path, model="gpt3-1b", seq_length=256)
+
+
+@pytest.mark.timeout(60)
+def test_adding_to_a_terapipe_file_keeps_its_entries_verbatim(tmp_path):
+    path = tmp_path / "dp_results.json"
+    path.write_text(json.dumps(LEGACY))
+    write_plan(str(path), entry())
+    items = json.loads(path.read_text())
+    assert items[:2] == LEGACY
+    assert items[2] == entry().to_json()
+    assert find(path).latency == 0.5
