@@ -110,6 +110,13 @@ def test_model_file_round_trip(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_heldout_check_leaves_the_fit_enough_context_points():
+    report = fit_profile(synthetic_profile(noise=0.0, context_samples=4), holdout=0.5)
+    assert report.model.context_coef == pytest.approx(TRUE_CONTEXT, rel=1e-6)
+    assert report.heldout_points == 30  # half of the 2 x 30 interior no-context lengths, no context point
+
+
+@pytest.mark.timeout(60)
 def test_too_few_context_points_is_an_error():
     with pytest.raises(ValueError, match="needs at least 4"):
         fit_profile(synthetic_profile(context_samples=3))

@@ -56,6 +56,11 @@ def test_find_plan_by_config_object_or_mapping(tmp_path):
     assert find(path, model=SHAPE, pp=2).latency == 2.0
     assert find(path, model={**SHAPE, "hidden_size": 128}).latency == 9.0
     assert find(path, device="cpu", global_batch_size=8).latency == 2.0
+    write_plan(str(path), entry(model={**MODEL, "name": "tiny"}, dp=2, latency=5.0))
+    write_plan(str(path), entry(model={**MODEL, "name": "tiny", "seq_length": 64}, dp=2, latency=6.0,
+                                input_slices=[[64], [64]]))
+    assert find(path, model="tiny", dp=2).latency == 5.0  # by name: the sequence length tells them apart
+    assert find(path, model="tiny", dp=2, seq_length=64).latency == 6.0
 
 
 @pytest.mark.timeout(60)

@@ -1,5 +1,6 @@
 """``seqpipe-plan``: profile a stage, fit the latency model, solve for the best slicing, show a plan.
 
+examples:
     torchrun --nproc_per_node 2 -m seqpipe_ds.cli.plan profile --num-layers 2 --hidden-size 1024 \\
         --num-attention-heads 16 --vocab-size 50304 --seq-length 2048 --micro-batch-size 2 --out prof.json
     seqpipe-plan fit prof.json --out model.json
@@ -10,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import timedelta
 from typing import List, Optional
 
 import numpy as np
@@ -17,6 +19,9 @@ import numpy as np
 from ..planner import PlanEntry, read_plans, solve, timeline, write_plan
 from ..planner.fit import CONTEXT_TERMS, fit_profile, read_model_file, write_model_file
 from ..planner.timeline import makespan
+
+# Ranks outside the measuring TP group wait in a barrier for the whole profile.
+PROFILE_TIMEOUT = timedelta(hours=12)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -30,7 +35,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqpipe-plan", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("profile", help="measure one stage's slice times, p2p sends and optimizer step")
@@ -90,15 +96,12 @@ def _profile(args) -> None:
     import torch.distributed as dist
 
     from ..parallel import destroy, initialize
-    from ..planner.profile import ProfileSpec, run_profile
+    from ..planner.profile import ProfileSpec, bind_device, run_profile
 
-    spec = ProfileSpec(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                       num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
-                       seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, tp=args.tp,
-                       granularity=args.granularity, length_stride=args.length_stride,
-                       context_samples=args.context_samples, batch_sizes=args.batch_sizes, warmup=args.warmup,
-                       repeats=args.repeats, p2p_sizes=args.p2p_sizes, dtype=args.dtype, seed=args.seed)
-    initialize(tensor_parallel_size=args.tp)
+    # The profile options are named after ProfileSpec's fields.
+    spec = ProfileSpec(**{name: getattr(args, name) for name in ProfileSpec.__dataclass_fields__})
+    bind_device()
+    initialize(tensor_parallel_size=args.tp, timeout=PROFILE_TIMEOUT)
     try:
         profile = run_profile(spec, progress=not args.quiet)
         if dist.get_rank() == 0:
@@ -123,7 +126,7 @@ def _fit(args) -> None:
     if report.send_error is None:
         print("sends: not measured, taken as free")
     else:
-        print(f"sends: {model.send_coef[0]:.4g} s + bytes / {1 / model.send_coef[1]:.4g} B/s "
+        print(f"sends: {model.send_coef[0]:.4g} s + {model.send_coef[1] * 1e9:.4g} s per GB "
               f"(mean relative error {report.send_error:.2%})")
     print(f"optimizer step: {model.update_time:.4g} s")
     print(f"held-out relative error on {report.heldout_points} points: mean {report.heldout_mean_error:.2%}, "

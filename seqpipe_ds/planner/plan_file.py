@@ -119,12 +119,10 @@ def find_plan(path: str, *, model: Union[str, Mapping[str, Any], Any], micro_bat
     name, shape = _model_query(model, seq_length)
     sizes = dict(micro_batch_size=micro_batch_size, tp=tp, pp=pp, dp=dp)
     matches = [e for e in entries
-               if _model_matches(e, name, shape) and all(getattr(e, k) == v for k, v in sizes.items())
+               if _model_matches(e, name, shape, seq_length) and all(getattr(e, k) == v for k, v in sizes.items())
                and _optional_matches(e.global_batch_size, global_batch_size) and _optional_matches(e.device, device)]
-    asked = ", ".join([f"model {name!r}" if shape is None else "model " + ", ".join(
-        f"{f}={v}" for f, v in shape.items())] + [f"{k}={v}" for k, v in sizes.items()] +
-        [f"seq_length={seq_length}"] + [f"global_batch_size={global_batch_size}"] * (global_batch_size is not None)
-        + [f"device={device!r}"] * (device is not None))
+    asked = _describe_query(name, shape, {**sizes, "seq_length": seq_length, "global_batch_size": global_batch_size,
+                                          "device": device})
     if not matches:
         listing = "".join(f"\n  [{i}] {e.describe()}" for i, e in enumerate(entries)) or " nothing"
         raise PlanFileError(f"plan file {path} has no plan for {asked}. It contains:{listing}\n"
@@ -200,9 +198,16 @@ def _model_query(model: Any, seq_length: int) -> Tuple[Optional[str], Optional[D
     return get("name"), {**{f: int(v) for f, v in shape.items()}, "seq_length": int(seq_length)}
 
 
-def _model_matches(entry: PlanEntry, name: Optional[str], shape: Optional[Dict[str, int]]) -> bool:
-    if entry.is_legacy or shape is None:
+def _describe_query(name: Optional[str], shape: Optional[Dict[str, int]], fields: Dict[str, Any]) -> str:
+    model = f"model {name!r}" if shape is None else "model " + ", ".join(f"{f}={v}" for f, v in shape.items())
+    return ", ".join([model] + [f"{k}={v!r}" for k, v in fields.items() if v is not None])
+
+
+def _model_matches(entry: PlanEntry, name: Optional[str], shape: Optional[Dict[str, int]], seq_length: int) -> bool:
+    if entry.is_legacy:  # records no sequence length: the slices are checked against it instead
         return name is not None and entry.model.get("name") == name
+    if shape is None:
+        return name is not None and entry.model.get("name") == name and entry.model["seq_length"] == seq_length
     return all(entry.model[f] == v for f, v in shape.items())
 
 

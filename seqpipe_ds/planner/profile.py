@@ -4,14 +4,16 @@ the p2p send time per message size, and the optimizer step.
 A slice (b sequences, l tokens, after c tokens of context) is timed as the pipeline runs it: a
 context forward of c tokens fills a ``KVCache`` first (untimed, without autograd: only its K/V
 matter), then the slice's forward and its backward, which also produces the K/V gradients of the
-context. The median of the repeats is kept, after warm-up runs that absorb allocator and kernel
-selection costs.
+context. Each point keeps the median of its repeats, after warm-up runs that absorb allocator and
+kernel selection costs.
 
-Run in an initialised process group (``seqpipe_ds.parallel.initialize(tp)``): the TP group of
-rank 0 measures the stage together, other ranks wait. p2p is a ping-pong between ranks 0 and 1
+Run in an initialised process group (``bind_device()``, then ``seqpipe_ds.parallel.initialize(tp)``
+with a timeout longer than the profile): the TP group of rank 0 measures the stage together,
+other ranks wait. p2p is a ping-pong between ranks 0 and 1
 (half the round trip), so it needs at least two ranks; with one it is skipped, and the fit then
 treats sends as free.
 """
+import os
 import platform
 import statistics
 import time
@@ -21,7 +23,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from tqdm import tqdm
+
+from ..kv_cache import KVCache
+from ..model import GPTConfig, TransformerLayer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,12 +89,14 @@ def default_p2p_sizes(spec: ProfileSpec) -> List[int]:
     return sizes + [largest]
 
 
+def bind_device() -> None:
+    """Gives each local rank its own GPU; call before the process group is created."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def run_profile(spec: ProfileSpec, progress: bool = True) -> Dict:
     """Collective over the process group; the returned profile is complete on rank 0."""
-    from ..kv_cache import KVCache
-    from ..model import GPTConfig, TransformerLayer
-    from megatron.core import parallel_state
-
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     profile = {"format": "seqpipe-profile/1", "device": _device_name(device), "torch_version": torch.__version__,
@@ -104,9 +112,20 @@ def run_profile(spec: ProfileSpec, progress: bool = True) -> Dict:
                            max_position_embeddings=spec.seq_length, params_dtype=DTYPES[spec.dtype])
         stage = torch.nn.Sequential(*[TransformerLayer(config, i) for i in range(spec.num_layers)]).to(device)
         sync = _synchronizer(device)
-        for b, l, c in tqdm(slice_points(spec), desc="slices", disable=not progress or rank != 0):
-            times = _time_slice(stage, KVCache, b, l, c, spec, device, sync)
-            profile["compute"].append({"b": b, "l": l, "c": c, "time": statistics.median(times), "samples": times})
+        points = slice_points(spec)
+        samples = {point: [] for point in points}
+        # Round robin over the points rather than point after point: a machine whose load drifts
+        # then skews every point's median alike instead of a few points a lot.
+        with tqdm(total=(spec.warmup + spec.repeats) * len(points), desc="slices",
+                  disable=not progress or rank != 0) as bar:
+            for run in range(spec.warmup + spec.repeats):
+                for point in points:
+                    elapsed = _time_slice(stage, *point, spec, device, sync)
+                    if run >= spec.warmup:
+                        samples[point].append(elapsed)
+                    bar.update()
+        profile["compute"] = [{"b": b, "l": l, "c": c, "time": statistics.median(times), "samples": times}
+                              for (b, l, c), times in samples.items()]
         profile["optimizer_step"] = _time_optimizer(stage, spec, sync)
     dist.barrier()
     if dist.get_world_size() >= 2:
@@ -143,26 +162,23 @@ def measure_p2p(sizes: List[int], warmup: int, repeats: int, device: torch.devic
     return results
 
 
-def _time_slice(stage, cache_type, b: int, l: int, c: int, spec: ProfileSpec, device, sync: Callable) -> List[float]:
+def _time_slice(stage, b: int, l: int, c: int, spec: ProfileSpec, device, sync: Callable) -> float:
+    """One forward + backward of the slice, after an untimed context forward that fills the cache."""
     dtype = DTYPES[spec.dtype]
-    times = []
-    for i in range(spec.warmup + spec.repeats):
-        cache = cache_type()
-        if c:
-            with torch.no_grad(), cache.slice(0):
-                stage(torch.randn(b, c, spec.hidden_size, device=device, dtype=dtype))
-        x = torch.randn(b, l, spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
-        grad = torch.randn_like(x)
-        index = cache.num_slices
-        sync()
-        start = time.perf_counter()
-        with cache.slice(index):
-            out = stage(x)
-        torch.autograd.backward(*cache.backward_args(index, [out], [grad]))
-        sync()
-        if i >= spec.warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    cache = KVCache()
+    if c:
+        with torch.no_grad(), cache.slice(0):
+            stage(torch.randn(b, c, spec.hidden_size, device=device, dtype=dtype))
+    x = torch.randn(b, l, spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    index = cache.num_slices
+    sync()
+    start = time.perf_counter()
+    with cache.slice(index):
+        out = stage(x)
+    torch.autograd.backward(*cache.backward_args(index, [out], [grad]))
+    sync()
+    return time.perf_counter() - start
 
 
 def _time_optimizer(stage: torch.nn.Module, spec: ProfileSpec, sync: Callable) -> float:

@@ -21,7 +21,7 @@ Candidates are evaluated in batches spread over those still alive, and the DP is
 the batch of bounds, so only the prefix loop runs in Python.
 """
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List
 
 import numpy as np
 
@@ -48,7 +48,7 @@ def solve(grid: np.ndarray, batch_size: int, seq_len: int, num_stages: int, gran
     """
     units = _check(grid, batch_size, seq_len, num_stages, granularity, update_time)
     weights = _slice_weights(grid, batch_size, units)
-    bound, _ = _search(weights, num_stages)
+    bound = _search(weights, num_stages)
     sums, maxima, choices = _prefix_dp(weights, np.array([bound]))
     batch_sum, batch_max, batch_choice = _batch_dp(sums[:, 0], maxima[:, 0])
     batch_slices = _walk_back(batch_choice, batch_size)
@@ -83,8 +83,8 @@ def _slice_weights(grid: np.ndarray, batch_size: int, units: int) -> np.ndarray:
     return weights
 
 
-def _search(weights: np.ndarray, num_stages: int) -> Tuple[float, float]:
-    """(bound, objective without update time) of the best plan, by pruned enumeration of bounds."""
+def _search(weights: np.ndarray, num_stages: int) -> float:
+    """The bound on slice times under which the best plan is found, by pruned enumeration."""
     candidates = np.unique(weights[np.isfinite(weights)])
     if candidates.size == 0:
         raise ValueError("no slice of the grid has a finite time: nothing can be planned")
@@ -114,7 +114,7 @@ def _search(weights: np.ndarray, num_stages: int) -> Tuple[float, float]:
         alive &= sum_lower_bound + stages_after_first * candidates < best_objective
     if not np.isfinite(best_objective):
         raise ValueError("every slicing of the sequence uses a slice whose time is inf: nothing can be planned")
-    return float(best_bound), float(best_objective)
+    return float(best_bound)
 
 
 def _covered(candidates: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
