@@ -30,6 +30,8 @@ def parse(ds_config: dict) -> SeqPipeConfig:
         raise ValueError(f'invalid "seqpipe" config section: {problems}') from None
     if cfg.enabled and cfg.schedule not in SCHEDULES:
         raise ValueError(f'"seqpipe.schedule": unknown schedule {cfg.schedule!r}; available: {", ".join(SCHEDULES)}')
+    if cfg.plan is not None and {"seq_slices", "batch_slices"} & cfg.model_fields_set:
+        raise ValueError('"seqpipe": give either "plan" or explicit "seq_slices"/"batch_slices", not both')
     if cfg.enabled and cfg.seq_length is None:
         raise ValueError('"seqpipe.seq_length" is required when seqpipe is enabled (the training sequence length)')
     return cfg

@@ -52,7 +52,7 @@ def full(module, name, tensor):
     return torch.cat(parts, dim=param.partition_dim).float()
 
 
-def train(case, seqpipe=None):
+def train(case, seqpipe=None, steps=range(STEPS), load=None, save=None):
     import seqpipe_ds
     from seqpipe_ds import parallel
     from seqpipe_ds.model import gpt_pipeline
@@ -65,15 +65,34 @@ def train(case, seqpipe=None):
     if exposes_grads:
         optimizer.register_step_pre_hook(lambda *_: grads.append(
             {n: full(engine.module, n, p.grad) for n, p in engine.module.named_parameters()}))
+    if load:
+        engine.load_checkpoint(load)
     losses = []
     dp_rank = engine.grid.data_parallel_id
-    for step in range(STEPS):
+    for step in steps:
         losses.append(engine.train_batch(data_iter=iter(micro_batches(case, step, dp_rank))).item())
+    if save:
+        engine.save_checkpoint(save)
     params = {n: full(engine.module, n, p) for n, p in engine.module.named_parameters()}
     tp_rank = engine.grid.get_slice_parallel_rank()
-    return {"losses": losses, "grads": grads, "params": params, "report": dp_rank == 0 and tp_rank == 0}
+    return {"losses": losses, "grads": grads, "params": params, "report": dp_rank == 0 and tp_rank == 0,
+            "dtype": str(next(engine.module.parameters()).dtype), "slice_plan": getattr(engine, "slice_plan", None)}
 
 
 def train_many(runs):
     """Several (case, seqpipe) runs in one process world, one after another."""
     return [train(case, seqpipe) for case, seqpipe in runs]
+
+
+def merge(rank_results):
+    """One view of the whole model from the ranks that report (DP rank 0, TP rank 0 of every stage).
+
+    Where stages share a tied module the first stage's copy wins: the last stage's copy of the
+    position embeddings is never used (DeepSpeed leaves its gradient at zero, and a checkpoint
+    restores it from the first stage's file).
+    """
+    reporting = [r for r in rank_results if r["report"]][::-1]
+    return {"losses": reporting[0]["losses"],
+            "grads": [{k: v for r in reporting for k, v in r["grads"][s].items()}
+                      for s in range(len(reporting[0]["grads"]))],
+            "params": {k: v for r in reporting for k, v in r["params"].items()}}

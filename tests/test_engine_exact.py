@@ -9,6 +9,7 @@ import pytest
 import engine_cases
 import launcher
 from common import RTOL, assert_close
+from engine_cases import merge as _merge
 
 UNEVEN = [8, 4, 3, 1]  # long first, as the planner tends to choose
 LAYOUTS = {
@@ -36,19 +37,6 @@ def _reference_case(case):
     ref = {k: v for k, v in case.items() if k not in ("pp", "tp", "dp")}
     ref["gas"] = case.get("gas", 1) * case.get("dp", 1)
     return ref
-
-
-def _merge(rank_results):
-    """One view of the whole model from the ranks that report (DP rank 0, TP rank 0 of every stage).
-
-    Where stages share a tied module the first stage's copy wins: the last stage's copy of the
-    position embeddings is never used, so DeepSpeed leaves its gradient at zero.
-    """
-    reporting = [r for r in rank_results if r["report"]][::-1]
-    return {"losses": reporting[0]["losses"],
-            "grads": [{k: v for r in reporting for k, v in r["grads"][s].items()}
-                      for s in range(len(reporting[0]["grads"]))],
-            "params": {k: v for r in reporting for k, v in r["params"].items()}}
 
 
 @pytest.fixture(scope="module")
