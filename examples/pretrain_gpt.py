@@ -92,6 +92,9 @@ def main():
     engine, _, _, _ = seqpipe_ds.initialize(
         args=args, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config, lr_scheduler=megatron_args.lr_scheduler(args))
+    if torch.distributed.get_rank() == 0:
+        # Which engine the "seqpipe" config section selected: stock PipelineEngine or SeqPipeEngine.
+        print(f"engine: {type(engine).__name__}", flush=True)
     if args.load:
         engine.load_checkpoint(args.load)
     iteration = engine.global_steps

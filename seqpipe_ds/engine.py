@@ -6,6 +6,9 @@ slices add up to the unsliced loss), dK/dV fed into the backward of earlier slic
 slice-shaped tensors whose shapes both neighbours know from the plan. Gradient reduction, the
 optimizer step, loss aggregation and checkpointing are DeepSpeed's own.
 """
+import time
+from contextlib import contextmanager
+
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe import p2p
@@ -25,6 +28,9 @@ class SeqPipeEngine(PipelineEngine):
         self._capacity = getattr(getattr(self.module, "gpt_config", None), "max_position_embeddings", None)
         self._activation_meta = None  # (trailing shape, dtype) of the tensors sent between stages
         self._meta_sent = False
+        # A list makes every slice's forward/backward record (micro_batch, unit, phase, start, end)
+        # with time.perf_counter(); seqpipe-bench draws its measured timeline from it.
+        self.slice_trace = None
         self._reset_slices()
 
     def _reset_slices(self):
@@ -66,7 +72,7 @@ class SeqPipeEngine(PipelineEngine):
         # The first stage's inputs are token ids (no gradient to send back); later stages keep
         # theirs until SendSliceGrad.
         inputs = self._inputs.pop(unit) if self.is_first_stage() else self._inputs[unit]
-        with self._caches[b].slice(s):
+        with self._traced(micro_batch, unit, "forward"), self._caches[b].slice(s):
             outputs = DeepSpeedEngine.forward(self, inputs)
         if not self.is_last_stage():
             self._outputs[unit] = outputs
@@ -88,7 +94,8 @@ class SeqPipeEngine(PipelineEngine):
             self.optimizer.clear_lp_grads()
         self._running_engine_backward = True
         try:
-            torch.autograd.backward(tensors, grads)
+            with self._traced(micro_batch, unit, "backward"):
+                torch.autograd.backward(tensors, grads)
         finally:
             self._running_engine_backward = False
         if self.using_bf16_optimizer and not self._config.bfloat16_config.immediate_grad_update:
@@ -96,6 +103,17 @@ class SeqPipeEngine(PipelineEngine):
         self._caches[b].release(s)
         if s == 0:
             del self._caches[b]
+
+    @contextmanager
+    def _traced(self, micro_batch, unit, phase):
+        if self.slice_trace is None:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.slice_trace.append((micro_batch, unit, phase, start, time.perf_counter()))
 
     def _exec_send_slice_activation(self, micro_batch, unit):
         outputs = self._outputs[unit]
