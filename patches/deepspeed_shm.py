@@ -1,11 +1,11 @@
 """Skip DeepSpeed's shared-memory comm op on the CPU accelerator.
 
-On CPU, `TorchBackend.__init__` (run by `deepspeed.init_distributed`) JIT-builds and initializes the
-`deepspeed_shm_comm` op (~20 s of g++ the first time). About half of 2-process CPU runs then end with
-"terminate called without an active exception" (exit 1/250/-6) at interpreter exit. The op only serves
-`inference_all_reduce`, which falls back to `torch.distributed.all_reduce` (gloo) when the op is absent;
-every other collective goes through torch.distributed anyway. So returning None from `build_shm_op`
-loses nothing but the crash and the compile.
+WHY: on CPU, `TorchBackend.__init__` (run by `deepspeed.init_distributed`) JIT-builds the `deepspeed_shm_comm`
+op with g++ (~20 s the first time, and a failure where no compiler is installed) and maps shared-memory
+segments for it. Nothing needs it: the op only serves `inference_all_reduce`, which falls back to
+`torch.distributed.all_reduce` (gloo) when `shm_vector_kernel_level` is unset, and every other collective
+goes through torch.distributed anyway. The "terminate called without an active exception" abort seen at the
+end of 2-process CPU runs also happens without the op (see gloo_exit.py for its cause and fix).
 """
 import importlib
 

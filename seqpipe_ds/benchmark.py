@@ -18,6 +18,7 @@ from deepspeed import comm as dist
 
 import seqpipe_ds
 from seqpipe_ds import parallel
+from seqpipe_ds.data import corpus_documents
 from seqpipe_ds.model import GPTConfig, gpt_pipeline
 
 
@@ -33,14 +34,13 @@ def _ds_config(spec, variant):
 
 
 def _batches(spec, variant):
-    """Random tokens: the timing of a dense GPT does not depend on their values."""
-    g = torch.Generator().manual_seed(0)
-    b, s, vocab = variant["micro_batch_size"], spec["model"]["max_position_embeddings"], spec["model"]["vocab_size"]
-    out = []
-    for _ in range(variant["gradient_accumulation"]):
-        data = torch.randint(0, vocab, (b, s + 1), generator=g)
-        out.append(((data[:, :-1], torch.arange(s).expand(b, s)), (data[:, 1:], torch.ones(b, s))))
-    return out
+    """The first sequences of the embedded corpus, byte-tokenized; every variant trains on the same ones."""
+    b, s = variant["micro_batch_size"], spec["model"]["max_position_embeddings"]
+    text = "\n".join(corpus_documents()).encode("utf-8")
+    needed = variant["gradient_accumulation"] * b * (s + 1)
+    tokens = torch.tensor(list(text[:needed]), dtype=torch.long).view(-1, b, s + 1)
+    positions = torch.arange(s).expand(b, s)
+    return [((seqs[:, :-1], positions), (seqs[:, 1:], torch.ones(b, s))) for seqs in tokens]
 
 
 def _peak_memory():

@@ -26,6 +26,7 @@ SEQ = 64
 TINY_GPT = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", str(SEQ),
             "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "4", "--log-interval", "1"]
 PIPELINE = ["--global-batch-size", "8", "--pipeline-model-parallel-size", "2"]
+EVAL = ["--eval-iters", "1"]  # one validation batch at the last iteration
 # Uneven slices, the longest first as in the TeraPipe paper's plans.
 SEQPIPE = {"enabled": True, "schedule": "terapipe", "seq_length": SEQ, "seq_slices": [24, 16, 16, 8]}
 
@@ -101,13 +102,13 @@ def assert_same_curve(actual, expected, what, rtol=RTOL):
     assert not bad, f"{what}: relative difference above {rtol} at iterations {bad}"
 
 
-def train(tmp_dir, name, seqpipe=None, extra=()):
+def train(tmp_dir, name, seqpipe=None, extra=(), script=EXAMPLE):
     """Trains the tiny GPT at PP=2 on two processes; returns (log curves, launcher output)."""
     tmp_dir = Path(tmp_dir)
     log = tmp_dir / f"{name}.jsonl"
     config = write_ds_config(tmp_dir / f"{name}.json", seqpipe)
-    code, out = launch_on_one_host(EXAMPLE, [*TINY_GPT, *PIPELINE, "--eval-iters", "1", "--log-file", str(log),
-                                             *extra, "--deepspeed", "--deepspeed_config", str(config)], tmp_dir)
+    code, out = launch_on_one_host(script, [*TINY_GPT, *PIPELINE, "--log-file", str(log), *extra,
+                                            "--deepspeed", "--deepspeed_config", str(config)], tmp_dir)
     assert code == 0, f"{name} run exited with {code}; output ends:\n{out[-4000:]}"
     return read_log(log), out
 
@@ -116,14 +117,14 @@ def train(tmp_dir, name, seqpipe=None, extra=()):
 def seqpipe_run(tmp_path_factory):
     """One seqpipe run that also checkpoints after iterations 2 and 4; shared by two tests."""
     tmp_dir = tmp_path_factory.mktemp("seqpipe")
-    curves, out = train(tmp_dir, "seqpipe", SEQPIPE, ["--save", str(tmp_dir / "ckpt"), "--save-interval", "2"])
+    curves, out = train(tmp_dir, "seqpipe", SEQPIPE, [*EVAL, "--save", str(tmp_dir / "ckpt"), "--save-interval", "2"])
     return curves, out, tmp_dir / "ckpt"
 
 
 @pytest.mark.timeout(600)
 def test_seqpipe_and_stock_pipelining_give_the_same_loss_curve(seqpipe_run, tmp_path):
     sliced, sliced_out, _ = seqpipe_run
-    stock, stock_out = train(tmp_path, "stock")
+    stock, stock_out = train(tmp_path, "stock", extra=EVAL)
     assert "engine: PipelineEngine" in stock_out
     assert "engine: SeqPipeEngine" in sliced_out
     assert sorted(stock["loss"]) == [1, 2, 3, 4] and sorted(stock["valid_loss"]) == [4]
@@ -136,7 +137,7 @@ def test_resume_from_checkpoint_continues_the_loss_curve(seqpipe_run, tmp_path):
     whole, _, ckpt = seqpipe_run
     # load_checkpoint reads the tag to load from `latest`; point it at the mid-run checkpoint.
     (ckpt / "latest").write_text("global_step2")
-    resumed, _ = train(tmp_path, "resumed", SEQPIPE, ["--load", str(ckpt)])
+    resumed, _ = train(tmp_path, "resumed", SEQPIPE, [*EVAL, "--load", str(ckpt)])
     assert sorted(resumed["loss"]) == [3, 4], "the resumed run must start after iteration 2"
     assert_same_curve(resumed["loss"], {i: whole["loss"][i] for i in (3, 4)}, "resumed training loss")
     assert_same_curve(resumed["valid_loss"], whole["valid_loss"], "resumed validation loss")

@@ -65,15 +65,15 @@ print("RESULT", json.dumps(result))
 """
 
 DEEPSPEED_PROBE = """
-import sys, torch
+import torch
 from deepspeed.accelerator import get_accelerator
 # record (instead of JIT-building) any load of the shm comm op
 builder_cls = type(get_accelerator().create_op_builder("ShareMemCommBuilder"))
 loads = []
 builder_cls.load = lambda self, *a, **k: loads.append(self.NAME)
 if PATCH:
-    from seqpipe_ds.patches import deepspeed_shm  # not apply_all: spares the megatron-core import
-    applied = deepspeed_shm.apply()
+    from seqpipe_ds.patches import deepspeed_shm, gloo_exit  # not apply_all: spares the megatron-core import
+    applied = [deepspeed_shm.apply(), gloo_exit.apply()]
 import deepspeed, deepspeed.comm as dist
 deepspeed.init_distributed(dist_backend="gloo")
 x = torch.ones(3) * (dist.get_rank() + 1)
@@ -86,10 +86,10 @@ print("RESULT", json.dumps({"loads": loads, "sums": [x.tolist(), y.tolist()], "e
 """
 
 
-def run_procs(probe, patch, nprocs=1, timeout=90, prelude=""):
+def run_procs(probe, patch, nprocs=1, timeout=90):
     """Run `probe` as `nprocs` gloo ranks on one host; return [(returncode, result dict or None, stderr)]."""
     port = _free_port()
-    code = f"import json\nPATCH = {patch}\n{textwrap.dedent(prelude)}\n{textwrap.dedent(probe)}"
+    code = f"import json\nPATCH = {patch}\n{textwrap.dedent(probe)}"
     base = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs))
     procs = [subprocess.Popen([sys.executable, "-W", "ignore", "-c", code], text=True,
@@ -132,7 +132,7 @@ def test_megatron_cpu_shim(megatron_runs, check):
 @pytest.mark.timeout(150)
 def test_apply_all_idempotent(megatron_runs):
     for res in megatron_runs[True]:
-        assert res["applied"] == [["megatron_cpu", "deepspeed_shm"]] * 3
+        assert res["applied"] == [["megatron_cpu", "deepspeed_shm", "gloo_exit"]] * 3
 
 
 @pytest.mark.timeout(60)
@@ -150,14 +150,14 @@ def test_megatron_shim_skipped_with_cuda():
     """
     [(rc, res, err)] = run_procs(probe, patch=True)
     assert rc == 0, err
-    assert "megatron_cpu" not in res["applied"] and res["unchanged"]
+    assert res["applied"] == ["deepspeed_shm"] and res["unchanged"]  # DS_ACCELERATOR=cpu keeps deepspeed_shm
 
 
 @pytest.mark.timeout(60)
 def test_deepspeed_shm_op_built_without_patch():
     [(rc, res, err)] = run_procs(DEEPSPEED_PROBE, patch=False)
-    assert rc == 0, err
-    assert res["loads"] == ["deepspeed_shm_comm"]
+    # no rc check: without gloo_exit this process may hit the exit abort after printing its result
+    assert res and res["loads"] == ["deepspeed_shm_comm"], err
 
 
 @pytest.mark.timeout(120)
@@ -166,8 +166,25 @@ def test_deepspeed_shm_patch_clean_exit():
         procs = run_procs(DEEPSPEED_PROBE, patch=True, nprocs=2)
         for rc, res, err in procs:
             assert rc == 0, err
-            assert res["loads"] == [] and res["applied"] is True
+            assert res["loads"] == [] and res["applied"] == [True, True]
             assert res["sums"] == [[res["expected"]] * 3] * 2  # gloo all_reduce and inference_all_reduce
+
+
+@pytest.mark.timeout(90)
+def test_gloo_exit_destroys_groups_before_finalization():
+    # The abort itself is a race; what the patch guarantees is that no group is left for finalization.
+    probe = """
+    import atexit, torch, torch.distributed as dist
+    # registered before the patch, so it runs after the patch's hook (atexit is last in, first out)
+    atexit.register(lambda: print("RESULT", json.dumps({"alive_at_exit": dist.is_initialized()})))
+    if PATCH:
+        from seqpipe_ds.patches import gloo_exit
+        assert gloo_exit.apply() and gloo_exit.apply()
+    dist.init_process_group("gloo")
+    dist.all_reduce(torch.ones(3))
+    """
+    alive = {patch: [res["alive_at_exit"] for _, res, _ in run_procs(probe, patch, nprocs=2)] for patch in (False, True)}
+    assert alive == {False: [True, True], True: [False, False]}
 
 
 @pytest.mark.timeout(30)

@@ -88,7 +88,9 @@ def main():
     print_rank_0(f"engine: {type(engine).__name__}")
 
     data_iterator = build_data_iterator(train_ds, args)
-    log_file = open(args.log_file, "a", encoding="utf-8") if args.log_file and torch.distributed.get_rank() == 0 else None
+    log_file = None
+    if args.log_file and torch.distributed.get_rank() == 0:
+        log_file = open(args.log_file, "a", encoding="utf-8")
     for iteration in range(1, args.train_iters + 1):
         loss = engine.train_batch(data_iter=data_iterator).item()
         if iteration % args.log_interval == 0:

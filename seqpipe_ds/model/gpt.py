@@ -26,6 +26,10 @@ def gpt_pipeline(config: GPTConfig, topology: ProcessTopology, seed: int = 1234,
     module = PipelineModule(layers=gpt_layer_specs(config), loss_fn=GPTLoss(), topology=topology,
                           partition_method="type:TransformerLayer", seed_layers=True, base_seed=seed,
                           seed_fn=_seed_layer, activation_checkpoint_interval=activation_checkpoint_interval)
+    # Seeding by layer is for initialisation only. Left on, PipelineModule.forward re-seeds the
+    # generator before every layer of every call (a torch.manual_seed each, milliseconds on CPU),
+    # which with slicing would run once per slice.
+    module.seed_layers = False
     module.gpt_config = config  # lets seqpipe_ds.initialize match plans and check positions
     return module
 
