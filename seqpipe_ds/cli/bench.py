@@ -51,17 +51,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _parser():
     p = argparse.ArgumentParser(prog="seqpipe-bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--hidden-size", type=int, default=512)
-    p.add_argument("--num-attention-heads", type=int, default=8)
+    # The default is sized for a 2-core CPU: slices of >= 256 tokens keep this CPU's GEMMs efficient.
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=1024)
+    p.add_argument("--num-attention-heads", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=384)
     p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=1, help="global batch (sequences per iteration)")
     p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--uniform", type=int, nargs="*", default=[4, 8, 16], help="uniform slice counts to time")
+    p.add_argument("--uniform", type=int, nargs="*", default=[2, 4, 8], help="uniform slice counts to time")
     p.add_argument("--plan", help="use this plan file instead of profiling (needs --latency-model for predictions)")
     p.add_argument("--latency-model", help="fitted latency model (seqpipe-plan fit) for predicted times")
-    p.add_argument("--granularity", type=int, default=64, help="profile/plan granularity in tokens")
+    p.add_argument("--granularity", type=int, default=128, help="profile/plan granularity in tokens")
     p.add_argument("--profile-repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -139,6 +140,7 @@ def _make_plan(args, out):
                             *[v for flag in MODEL_FLAGS[1:] for v in (f"--{flag}", str(getattr(args, flag.replace("-", "_"))))],
                             "--micro-batch-size", str(args.batch_size), "--batch-sizes", *map(str, batch_sizes),
                             "--granularity", str(args.granularity), "--repeats", str(args.profile_repeats),
+                            "--warmup", "1",
                             "--quiet", "--out", str(profile)], out / "profile.log")
     for command in (["fit", str(profile), "--out", str(model_file)],
                     ["solve", str(model_file), "--num-stages", str(args.stages), "--batch-size", str(args.batch_size),
