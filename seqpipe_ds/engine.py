@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+from deepspeed import comm as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -34,6 +35,7 @@ class SeqPipeEngine(PipelineEngine):
         self._reset_slices()
 
     def _reset_slices(self):
+        self._pending_sends = []  # (work, tensor): the tensor must live until its send completes
         self._caches = {}
         self._inputs, self._outputs, self._labels, self._losses, self._grads = {}, {}, {}, {}, {}
         self._normalizer = None
@@ -123,7 +125,7 @@ class SeqPipeEngine(PipelineEngine):
         if not self._meta_sent:
             self._send_tensor_meta(outputs, self.next_stage)
             self._meta_sent = True
-        p2p.send(outputs.contiguous(), self.next_stage)
+        self._send(outputs.contiguous(), self.next_stage)
 
     def _exec_recv_slice_activation(self, micro_batch, unit):
         if self._activation_meta is None:
@@ -135,7 +137,14 @@ class SeqPipeEngine(PipelineEngine):
         self._inputs[unit] = received.requires_grad_(received.is_floating_point())
 
     def _exec_send_slice_grad(self, micro_batch, unit):
-        p2p.send(self._inputs.pop(unit).grad, self.prev_stage)
+        self._send(self._inputs.pop(unit).grad, self.prev_stage)
+
+    def _send(self, tensor, stage):
+        # Non-blocking: with a blocking send the producer waits for its neighbour to reach the
+        # matching receive, which ties the stages into lock-step and makes every step cost the
+        # slower of two different slices; uneven plans would then lose what the planner's
+        # sum + (K - 1) * max model assumes. Receives stay blocking; order per peer is preserved.
+        self._pending_sends.append((dist.isend(tensor, self.grid.stage_to_global(stage)), tensor))
 
     def _exec_recv_slice_grad(self, micro_batch, unit):
         grad = torch.empty_like(self._outputs[unit])
@@ -145,6 +154,9 @@ class SeqPipeEngine(PipelineEngine):
     def _exec_schedule(self, pipe_schedule):
         self._reset_slices()
         super()._exec_schedule(pipe_schedule)
+        for work, _ in self._pending_sends:
+            work.wait()
+        self._reset_slices()
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
