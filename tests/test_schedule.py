@@ -1,7 +1,8 @@
 """The TeraPipe schedule in plain Python: all stages' instruction streams simulated together.
 
-Point-to-point calls are modelled as blocking rendezvous (the strictest reading of gloo/NCCL
-send/recv): a send completes only together with the neighbour's matching receive. The simulator
+Point-to-point calls are modelled as blocking rendezvous: a send completes only together with the
+neighbour's matching receive. The engine sends asynchronously, which can only remove waits, so a
+schedule free of deadlock here is free of it there too. The simulator
 checks matching, the absence of deadlock, forward-before-backward, reverse backward order within
 a batch slice, and that no per-unit buffer the engine keeps is overwritten while still needed.
 """
