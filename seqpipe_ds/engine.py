@@ -46,19 +46,21 @@ class SeqPipeEngine(PipelineEngine):
 
     def _exec_load_sliced_micro_batch(self, micro_batch):
         inputs, labels = self._next_batch()
-        plan = self.slice_plan
         if self.is_first_stage():
-            tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-            self._check_shape(tensors[0])
-            pieces = [plan.split(t.to(self.device)) for t in tensors]
-            self._inputs = {u: tuple(p[u] for p in pieces) if len(pieces) > 1 else pieces[0][u] for u in plan.units()}
+            _, self._inputs = self._split_units(inputs)
         if self.is_last_stage():
-            tensors = labels if isinstance(labels, (tuple, list)) else (labels,)
-            tensors = tuple(t.to(self.device) for t in tensors)
-            self._check_shape(tensors[0])
-            self._normalizer = self.module.loss_fn.normalizer(tensors if len(tensors) > 1 else tensors[0])
-            pieces = [plan.split(t) for t in tensors]
-            self._labels = {u: tuple(p[u] for p in pieces) if len(pieces) > 1 else pieces[0][u] for u in plan.units()}
+            whole, self._labels = self._split_units(labels)
+            self._normalizer = self.module.loss_fn.normalizer(whole)
+
+    def _split_units(self, part):
+        """A batch part (a tensor or a tuple of [batch, seq, ...] tensors) on the device, and {unit: its slice}."""
+        tensors = tuple(t.to(self.device) for t in (part if isinstance(part, (tuple, list)) else (part,)))
+        self._check_shape(tensors[0])
+        pieces = [self.slice_plan.split(t) for t in tensors]
+        units = {u: tuple(p[u] for p in pieces) for u in self.slice_plan.units()}
+        if len(tensors) == 1:
+            return tensors[0], {u: t[0] for u, t in units.items()}
+        return tensors, units
 
     def _check_shape(self, tensor):
         expected = (self.slice_plan.micro_batch_size, self.slice_plan.seq_length)
