@@ -1,10 +1,11 @@
 """``SeqPipeEngine``: DeepSpeed's PipelineEngine plus the instructions that sequence slicing adds.
 
 Only the slice-level data path is new: loading a micro-batch once and handing out views of it,
-a KV cache per batch slice, one loss per slice (scaled by the micro-batch's normalizer so the
-slices add up to the unsliced loss), dK/dV fed into the backward of earlier slices, and p2p of
-slice-shaped tensors whose shapes both neighbours know from the plan. Gradient reduction, the
-optimizer step, loss aggregation and checkpointing are DeepSpeed's own.
+a KV cache per (micro-batch, batch slice), one loss per slice (scaled by the micro-batch's
+normalizer so the slices add up to the unsliced loss), dK/dV fed into the backward of earlier
+slices, and p2p of slice-shaped tensors whose shapes both neighbours know from the plan. Which
+instruction runs when is the lowered program of the configured schedule (``schedules``).
+Gradient reduction, the optimizer step, loss aggregation and checkpointing are DeepSpeed's own.
 """
 import time
 from contextlib import contextmanager
@@ -15,51 +16,59 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from . import schedule
-from .kv_cache import KVCache
+from .attention import KVCache
+from .schedules import Action, instructions as ins, lower
 from .slicing import SlicePlan
 
 
 class SeqPipeEngine(PipelineEngine):
 
-    def __init__(self, *args, slice_plan: SlicePlan, schedule_cls=schedule.TeraPipeSchedule, **kwargs):
+    def __init__(self, *args, slice_plan: SlicePlan, schedule: str = "terapipe", **kwargs):
         super().__init__(*args, **kwargs)
         self.slice_plan = slice_plan
-        self._schedule_cls = schedule_cls
+        self.schedule_name = schedule
         self._capacity = getattr(getattr(self.module, "gpt_config", None), "max_position_embeddings", None)
         self._activation_meta = None  # (trailing shape, dtype) of the tensors sent between stages
         self._meta_sent = False
-        # A list makes every slice's forward/backward record (micro_batch, unit, phase, start, end)
-        # with time.perf_counter(); seqpipe-bench draws its measured timeline from it.
+        # A list makes every slice's forward/backward record (Action, start, end) with
+        # time.perf_counter(); seqpipe-bench draws its measured timeline from it.
         self.slice_trace = None
         self._reset_slices()
 
+    @property
+    def program(self):
+        """This stage's lowered program for one training step (``schedules.lower``)."""
+        return lower(self.schedule_name, self.num_stages, self.micro_batches, self.slice_plan)[self.stage_id]
+
     def _reset_slices(self):
+        # Every dict is keyed by (micro-batch, batch slice, sequence slice), or (micro-batch, batch slice)
+        # for caches, so several micro-batches can be in flight (slice-1f1b).
         self._pending_sends = []  # (work, tensor): the tensor must live until its send completes
         self._caches = {}
         self._inputs, self._outputs, self._labels, self._losses, self._grads = {}, {}, {}, {}, {}
-        self._normalizer = None
+        self._normalizers = {}
 
     def _train_schedule(self):
-        return self._schedule_cls(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id,
-                                  plan=self.slice_plan)
+        return ins.ProgramSchedule(self.program, micro_batches=self.micro_batches, stages=self.num_stages,
+                                   stage_id=self.stage_id)
 
     def _exec_load_sliced_micro_batch(self, micro_batch):
         inputs, labels = self._next_batch()
         if self.is_first_stage():
-            _, self._inputs = self._split_units(inputs)
+            self._inputs.update(self._split_units(micro_batch, inputs)[1])
         if self.is_last_stage():
-            whole, self._labels = self._split_units(labels)
-            self._normalizer = self.module.loss_fn.normalizer(whole)
+            whole, pieces = self._split_units(micro_batch, labels)
+            self._labels.update(pieces)
+            self._normalizers[micro_batch] = self.module.loss_fn.normalizer(whole)
 
-    def _split_units(self, part):
-        """A batch part (a tensor or a tuple of [batch, seq, ...] tensors) on the device, and {unit: its slice}."""
+    def _split_units(self, micro_batch, part):
+        """A batch part (a tensor or a tuple of [batch, seq, ...] tensors) on the device, and {key: its slice}."""
         tensors = tuple(t.to(self.device) for t in (part if isinstance(part, (tuple, list)) else (part,)))
         self._check_shape(tensors[0])
         pieces = [self.slice_plan.split(t) for t in tensors]
-        units = {u: tuple(p[u] for p in pieces) for u in self.slice_plan.units()}
+        units = {(micro_batch, *u): tuple(p[u] for p in pieces) for u in self.slice_plan.units()}
         if len(tensors) == 1:
-            return tensors[0], {u: t[0] for u, t in units.items()}
+            return tensors[0], {k: t[0] for k, t in units.items()}
         return tensors, units
 
     def _check_shape(self, tensor):
@@ -70,46 +79,50 @@ class SeqPipeEngine(PipelineEngine):
 
     def _exec_forward_slice(self, micro_batch, unit):
         self.tput_timer.start()
-        b, s = unit
+        key = (micro_batch, *unit)
+        cache_key, s = key[:2], unit[1]
         if s == 0:
-            self._caches[b] = KVCache(self._capacity)
+            self._caches[cache_key] = KVCache(self._capacity)
         # The first stage's inputs are token ids (no gradient to send back); later stages keep
         # theirs until SendSliceGrad.
-        inputs = self._inputs.pop(unit) if self.is_first_stage() else self._inputs[unit]
-        with self._traced(micro_batch, unit, "forward"), self._caches[b].slice(s):
+        inputs = self._inputs.pop(key) if self.is_first_stage() else self._inputs[key]
+        with self._traced("F", key), self._caches[cache_key].slice(s):
             outputs = DeepSpeedEngine.forward(self, inputs)
         if not self.is_last_stage():
-            self._outputs[unit] = outputs
+            self._outputs[key] = outputs
             return
-        loss = self.module.loss_fn(outputs, self._labels.pop(unit), normalizer=self._normalizer)
-        self._losses[unit] = loss
+        loss = self.module.loss_fn(outputs, self._labels.pop(key), normalizer=self._normalizers[micro_batch])
+        self._losses[key] = loss
         self.total_loss = loss.detach().clone() if self.total_loss is None else self.total_loss + loss.detach()
 
     def _exec_backward_slice(self, micro_batch, unit):
-        b, s = unit
+        key = (micro_batch, *unit)
+        cache_key, s = key[:2], unit[1]
         if self.is_last_stage():
-            tensors, grads = [self._losses.pop(unit)], [None]
+            tensors, grads = [self._losses.pop(key)], [None]
         else:
-            tensors, grads = [self._outputs.pop(unit)], [self._grads.pop(unit)]
-        tensors, grads = self._caches[b].backward_args(s, tensors, grads)
+            tensors, grads = [self._outputs.pop(key)], [self._grads.pop(key)]
+        tensors, grads = self._caches[cache_key].backward_args(s, tensors, grads)
         # The same bookkeeping as PipelineEngine's backward of a non-last stage: the output
         # hooks DeepSpeedEngine.forward registered do the GAS scaling (last stage) and prologue.
         if self.using_bf16_optimizer:
             self.optimizer.clear_lp_grads()
         self._running_engine_backward = True
         try:
-            with self._traced(micro_batch, unit, "backward"):
+            with self._traced("B", key):
                 torch.autograd.backward(tensors, grads)
         finally:
             self._running_engine_backward = False
         if self.using_bf16_optimizer and not self._config.bfloat16_config.immediate_grad_update:
             self.optimizer.update_hp_grads(clear_lp_grads=False)
-        self._caches[b].release(s)
+        self._caches[cache_key].release(s)
         if s == 0:
-            del self._caches[b]
+            del self._caches[cache_key]
+            if self.is_last_stage() and not any(k[0] == micro_batch for k in self._caches):
+                self._normalizers.pop(micro_batch, None)
 
     @contextmanager
-    def _traced(self, micro_batch, unit, phase):
+    def _traced(self, kind, key):
         if self.slice_trace is None:
             yield
             return
@@ -117,10 +130,10 @@ class SeqPipeEngine(PipelineEngine):
         yield
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.slice_trace.append((micro_batch, unit, phase, start, time.perf_counter()))
+        self.slice_trace.append((Action(kind, *key), start, time.perf_counter()))
 
     def _exec_send_slice_activation(self, micro_batch, unit):
-        outputs = self._outputs[unit]
+        outputs = self._outputs[(micro_batch, *unit)]
         if not torch.is_tensor(outputs):
             raise TypeError("seqpipe: pipeline stages must pass one tensor to the next stage, got "
                             f"{type(outputs).__name__}")
@@ -136,22 +149,21 @@ class SeqPipeEngine(PipelineEngine):
         tail, dtype = self._activation_meta
         received = torch.empty(self.slice_plan.shape(unit) + tail, dtype=dtype, device=self.device)
         p2p.recv(received, self.prev_stage)
-        self._inputs[unit] = received.requires_grad_(received.is_floating_point())
+        self._inputs[(micro_batch, *unit)] = received.requires_grad_(received.is_floating_point())
 
     def _exec_send_slice_grad(self, micro_batch, unit):
-        self._send(self._inputs.pop(unit).grad, self.prev_stage)
+        self._send(self._inputs.pop((micro_batch, *unit)).grad, self.prev_stage)
 
     def _send(self, tensor, stage):
         # Non-blocking: with a blocking send the producer waits for its neighbour to reach the
-        # matching receive, which ties the stages into lock-step and makes every step cost the
-        # slower of two different slices; uneven plans would then lose what the planner's
-        # sum + (K - 1) * max model assumes. Receives stay blocking; order per peer is preserved.
+        # matching receive, which ties the stages into lock-step. The lowering orders every
+        # send/receive pair consistently on both sides, so blocking (NCCL) semantics are safe too.
         self._pending_sends.append((dist.isend(tensor, self.grid.stage_to_global(stage)), tensor))
 
     def _exec_recv_slice_grad(self, micro_batch, unit):
-        grad = torch.empty_like(self._outputs[unit])
+        grad = torch.empty_like(self._outputs[(micro_batch, *unit)])
         p2p.recv(grad, self.next_stage)
-        self._grads[unit] = grad
+        self._grads[(micro_batch, *unit)] = grad
 
     def _exec_schedule(self, pipe_schedule):
         self._reset_slices()
@@ -162,11 +174,11 @@ class SeqPipeEngine(PipelineEngine):
 
     _INSTRUCTION_MAP = {
         **PipelineEngine._INSTRUCTION_MAP,
-        schedule.LoadMicroBatch: _exec_load_sliced_micro_batch,
-        schedule.ForwardSlice: _exec_forward_slice,
-        schedule.BackwardSlice: _exec_backward_slice,
-        schedule.SendSliceActivation: _exec_send_slice_activation,
-        schedule.RecvSliceActivation: _exec_recv_slice_activation,
-        schedule.SendSliceGrad: _exec_send_slice_grad,
-        schedule.RecvSliceGrad: _exec_recv_slice_grad,
+        ins.LoadMicroBatch: _exec_load_sliced_micro_batch,
+        ins.ForwardSlice: _exec_forward_slice,
+        ins.BackwardSlice: _exec_backward_slice,
+        ins.SendSliceActivation: _exec_send_slice_activation,
+        ins.RecvSliceActivation: _exec_recv_slice_activation,
+        ins.SendSliceGrad: _exec_send_slice_grad,
+        ins.RecvSliceGrad: _exec_recv_slice_grad,
     }

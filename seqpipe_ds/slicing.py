@@ -33,6 +33,10 @@ class SlicePlan:
         b, s = unit
         return self.batch_slices[b], self.seq_slices[b][s]
 
+    def tokens(self, unit: Tuple[int, int]) -> int:
+        b, s = unit
+        return self.batch_slices[b] * self.seq_slices[b][s]
+
     def split(self, tensor: torch.Tensor) -> dict:
         """Cuts a [batch, seq, ...] tensor into {unit: view}."""
         out = {}

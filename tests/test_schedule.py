@@ -1,148 +1,149 @@
-"""The TeraPipe schedule in plain Python: all stages' instruction streams simulated together.
+"""Schedules as data: every registered schedule lowers to programs the library simulator accepts.
 
-Point-to-point calls are modelled as blocking rendezvous: a send completes only together with the
-neighbour's matching receive. The engine sends asynchronously, which can only remove waits, so a
-schedule free of deadlock here is free of it there too. The simulator
-checks matching, the absence of deadlock, forward-before-backward, reverse backward order within
-a batch slice, and that no per-unit buffer the engine keeps is overwritten while still needed.
+The simulator (seqpipe_ds.schedules.simulator) is the one model of a schedule; these tests run it
+over stages x micro-batches x slicings and check what the engine relies on, in the rendezvous
+model (a send completes only with its receive), which also covers NCCL's blocking sends.
 """
 import itertools
 
 import pytest
-from deepspeed.runtime.pipe.schedule import OptimizerStep, ReduceGrads, ReduceTiedGrads
 
-from seqpipe_ds import schedule as S
+from seqpipe_ds.schedules import SCHEDULES, Costs, Schedule, ScheduleError, lower, lower_orders, simulate
+from seqpipe_ds.schedules import actions as A
+from seqpipe_ds.schedules.lowering import _eager
+from seqpipe_ds.schedules.orders import Slice1F1B
 from seqpipe_ds.slicing import make_plan
 
-COMM = {S.SendSliceActivation: ("act", +1), S.RecvSliceActivation: ("act", -1),
-        S.SendSliceGrad: ("grad", -1), S.RecvSliceGrad: ("grad", +1)}
+SLICINGS = [(1, 1), (1, 4), (1, [5, 2, 1]), (2, [5, 2, 1]), ([3, 1], [[2, 6], [8]]), ([1, 3], [[1, 1, 6], [8]]),
+            (4, 8)]
+CONFIGS = list(itertools.product(sorted(SCHEDULES), [1, 2, 3, 4], [1, 2, 5], SLICINGS))
 
 
-def streams(stages, micro_batches, plan):
-    return [[cmd for step in S.TeraPipeSchedule(micro_batches, stages, s, plan).steps() for cmd in step]
-            for s in range(stages)]
-
-
-class Stage:
-    def __init__(self, sid, stages, program):
-        self.sid, self.last, self.program, self.pc = sid, sid == stages - 1, program, 0
-        self.loaded, self.forwarded, self.backwarded = set(), set(), []
-        self.buffers = {"inputs": {}, "outputs": {}, "grads": {}}  # what SeqPipeEngine keys by unit
-
-    def put(self, kind, unit, value):
-        assert unit not in self.buffers[kind], f"stage {self.sid}: {kind}[{unit}] overwritten while still needed"
-        self.buffers[kind][unit] = value
-
-    def take(self, kind, unit, expected):
-        assert self.buffers[kind].get(unit) == expected, f"stage {self.sid}: {kind}[{unit}] is not micro-batch {expected}"
-        del self.buffers[kind][unit]
-
-
-def execute_local(st, cmd, plan):
-    m = getattr(cmd, "micro_batch", None)
-    if isinstance(cmd, S.LoadMicroBatch):
-        st.loaded.add(m)
-    elif isinstance(cmd, S.ForwardSlice):
-        b, s = cmd.unit
-        assert s == 0 or (m, (b, s - 1)) in st.forwarded, f"stage {st.sid}: slice {cmd.unit} before its predecessor"
-        if st.sid == 0:
-            assert m in st.loaded
-            st.put("inputs", cmd.unit, m)
-        if st.sid == 0 or st.last:
-            assert m in st.loaded, f"stage {st.sid}: forward of micro-batch {m} before it was loaded"
-        assert cmd.unit in st.buffers["inputs"], f"stage {st.sid}: forward {cmd.unit} without its input"
-        if st.sid == 0:
-            st.take("inputs", cmd.unit, m)
-        st.forwarded.add((m, cmd.unit))
-        if not st.last:
-            st.put("outputs", cmd.unit, m)
-    elif isinstance(cmd, S.BackwardSlice):
-        b, s = cmd.unit
-        assert (m, cmd.unit) in st.forwarded, f"stage {st.sid}: backward before forward of {cmd.unit}"
-        later = [(m, (b, j)) for j in range(s + 1, len(plan.seq_slices[b]))]
-        assert all(u in st.backwarded for u in later), f"stage {st.sid}: backward of {cmd.unit} before later slices"
-        if not st.last:
-            st.take("outputs", cmd.unit, m)
-            st.take("grads", cmd.unit, m)
-        st.backwarded.append((m, cmd.unit))
-    else:
-        assert isinstance(cmd, (ReduceTiedGrads, ReduceGrads, OptimizerStep)), f"unexpected instruction {cmd}"
-
-
-def simulate(programs, plan):
-    stages = len(programs)
-    sts = [Stage(s, stages, prog) for s, prog in enumerate(programs)]
-    while True:
-        progressed = False
-        for st in sts:
-            if st.pc == len(st.program):
-                continue
-            cmd = st.program[st.pc]
-            if type(cmd) not in COMM:
-                execute_local(st, cmd, plan)
-                st.pc += 1
-                progressed = True
-                continue
-            kind, direction = COMM[type(cmd)]
-            peer = sts[st.sid + direction] if 0 <= st.sid + direction < stages else None
-            assert peer is not None, f"stage {st.sid}: {cmd} has no neighbour"
-            other = peer.program[peer.pc] if peer.pc < len(peer.program) else None
-            if other is None or type(other) not in COMM:
-                continue  # blocked until the neighbour reaches a p2p call
-            o_kind, o_dir = COMM[type(other)]
-            if o_kind != kind or st.sid + direction + o_dir != st.sid:
-                continue  # the neighbour waits on something else; a cycle shows up as a deadlock
-            assert (other.micro_batch, other.unit) == (cmd.micro_batch, cmd.unit), \
-                f"stages {st.sid}/{peer.sid}: {cmd} matched with {other}"
-            sender, receiver = (st, peer) if cmd.name.startswith("Send") else (peer, st)
-            if kind == "act":
-                receiver.put("inputs", cmd.unit, cmd.micro_batch)
-            else:
-                sender.take("inputs", cmd.unit, cmd.micro_batch)
-                receiver.put("grads", cmd.unit, cmd.micro_batch)
-            st.pc += 1
-            peer.pc += 1
-            progressed = True
-        if all(st.pc == len(st.program) for st in sts):
-            return sts
-        assert progressed, "deadlock: " + "; ".join(f"stage {st.sid} waits at {st.program[st.pc]}"
-                                                      for st in sts if st.pc < len(st.program))
-
-
-CONFIGS = [(stages, mb, bs, ss) for stages, mb, (bs, ss) in itertools.product(
-    [1, 2, 3, 4], [1, 2], [(1, 1), (1, 4), (2, [5, 2, 1]), ([3, 1], [[2, 6], [8]]), (4, 8)])]
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("stages,micro_batches,batch_slices,seq_slices", CONFIGS)
-def test_schedule_is_consistent(stages, micro_batches, batch_slices, seq_slices):
+def _run(name, stages, micro_batches, batch_slices, seq_slices):
     plan = make_plan(batch_slices, seq_slices, micro_batch_size=4, seq_length=8)
-    sts = simulate(streams(stages, micro_batches, plan), plan)
-    for st in sts:
-        assert not any(st.buffers.values()), f"stage {st.sid} left {st.buffers}"
-        assert len(st.backwarded) == micro_batches * len(plan.units())
-        # TeraPipe's order: per micro-batch, backwards exactly in reverse forward order.
-        for m in range(micro_batches):
-            assert [u for mb, u in st.backwarded if mb == m] == plan.units()[::-1]
+    programs = lower(name, stages, micro_batches, plan)
+    return plan, programs, simulate(programs, plan, rendezvous=True)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name,stages,micro_batches,slicing", CONFIGS)
+def test_schedule_runs_and_keeps_the_dependencies(name, stages, micro_batches, slicing):
+    plan, programs, result = _run(name, stages, micro_batches, *slicing)
+    simulate(programs, plan)  # and with asynchronous sends, as the engine on gloo
+    units = plan.units()
+    for stage, program in enumerate(programs):
+        computes = [a for a in program if a.kind in A.COMPUTE]
+        assert sorted(computes) == sorted(A.Action(k, m, *u) for k in A.COMPUTE for m in range(micro_batches)
+                                          for u in units)
+        sends = [a for a in program if a.kind in A.SENDS]
+        assert len(sends) == micro_batches * len(units) * ((stage > 0) + (stage < stages - 1))
+        assert program[-1].kind == A.STEP
+        loads = [a.micro_batch for a in program if a.kind == A.LOAD]
+        assert loads == (list(range(micro_batches)) if stage in (0, stages - 1) else [])
+        # Forwards of every micro-batch in stream order (the data iterator's order).
+        forwards = [(a.micro_batch, a.unit) for a in computes if a.kind == A.FORWARD]
+        assert forwards == [(m, u) for m in range(micro_batches) for u in units]
+    peak = result.peak_alive_units
+    most_slices = max(len(lengths) for lengths in plan.seq_slices)
+    if name == "slice-1f1b":
+        # Seq1F1B's bound: the warm-up plus one.
+        assert all(peak[s] <= (stages - s) + most_slices - 1 for s in range(stages)), peak
+    if name == "terapipe":
+        assert peak == [len(units)] * stages  # every unit of a micro-batch is alive at once
 
 
 @pytest.mark.timeout(60)
-def test_simulator_detects_deadlock_and_mismatch():
+def test_terapipe_has_no_such_bound_with_batch_slices():
+    plan, _, result = _run("terapipe", 2, 2, 4, 8)
+    _, _, streamed = _run("slice-1f1b", 2, 2, 4, 8)
+    assert result.peak_alive_units[0] == 32 > 2 + 8 - 1 == streamed.peak_alive_units[0]
+
+
+@pytest.mark.timeout(60)
+def test_slice_1f1b_steady_state_alternates():
+    plan = make_plan(1, 4, micro_batch_size=1, seq_length=8)
+    order = Slice1F1B(stages=2, micro_batches=3, plan=plan).compute_order(0)
+    kinds = "".join(a.kind for a in order)
+    warmup = (2 - 0 - 1) + (4 - 1)
+    assert kinds == "F" * warmup + "FB" * (12 - warmup) + "B" * warmup
+
+
+@pytest.mark.timeout(60)
+def test_eager_lowering_of_1f1b_deadlocks_with_blocking_sends():
+    # Why the lowering exchanges: receive-before-use, send-after-produce deadlocks on NCCL.
+    plan = make_plan(1, 2, micro_batch_size=1, seq_length=4)
+    orders = Slice1F1B(stages=2, micro_batches=2, plan=plan).compute_orders()
+    simulate(_eager(orders), plan)  # fine with async sends
+    with pytest.raises(ScheduleError, match="deadlock"):
+        simulate(_eager(orders), plan, rendezvous=True)
+    simulate(lower_orders(orders, plan), plan, rendezvous=True)
+
+
+@pytest.mark.timeout(60)
+def test_simulator_detects_broken_programs():
     plan = make_plan(1, 2, micro_batch_size=1, seq_length=2)
-    good = streams(2, 1, plan)
+    good = [list(p) for p in lower("terapipe", 2, 1, plan)]
     swapped = list(good[1])
-    i = next(k for k, c in enumerate(swapped) if isinstance(c, S.RecvSliceActivation))
+    i = next(k for k, a in enumerate(swapped) if a.kind == A.RECV_ACT)
     swapped[i], swapped[i + 2] = swapped[i + 2], swapped[i]  # receive slice 1 before slice 0
-    with pytest.raises(AssertionError, match="matched with|before"):
-        simulate([good[0], swapped], plan)
-    sends_first = [c for c in good[1] if not isinstance(c, S.RecvSliceActivation)]
-    with pytest.raises(AssertionError, match="deadlock|without its input"):
-        simulate([good[0], sends_first], plan)
+    with pytest.raises(ScheduleError, match="different orders|before"):
+        simulate([good[0], swapped], plan, rendezvous=True)
+    no_receive = [a for a in good[1] if a.kind != A.RECV_ACT]
+    with pytest.raises(ScheduleError, match="deadlock|without its input"):
+        simulate([good[0], no_receive], plan, rendezvous=True)
+    with pytest.raises(ScheduleError, match="without its input"):
+        simulate([good[0], no_receive], plan)
+    forward_order = [a if a.kind != A.BACKWARD else None for a in good[0]]
+    backwards = [a for a in good[0] if a.kind == A.BACKWARD][::-1]  # slice 0's backward first: wrong
+    wrong = [a if a is not None else backwards.pop(0) for a in forward_order]
+    with pytest.raises(ScheduleError, match="later slices"):
+        simulate([wrong, good[1]], plan)
 
 
+class _BackwardsInForwardOrder(Schedule):
+    """Deliberately wrong: a sequence's slices backward in forward order."""
+    name = "broken"
+
+    def compute_order(self, stage):
+        units = self.plan.units()
+        return [A.forward(m, u) for m in range(self.micro_batches) for u in units] + \
+               [A.backward(m, u) for m in range(self.micro_batches) for u in units]
+
+
+@pytest.mark.timeout(60)
+def test_a_schedule_that_cannot_run_a_slicing_is_rejected_by_lowering():
+    plan = make_plan(1, 3, micro_batch_size=1, seq_length=6)
+    schedule = _BackwardsInForwardOrder(2, 1, plan)
+    with pytest.raises(ScheduleError, match="later slices"):
+        lower_orders(schedule.compute_orders(), plan)
+    single = make_plan(1, 1, micro_batch_size=1, seq_length=6)  # with one slice it is a fine schedule
+    lower_orders(_BackwardsInForwardOrder(2, 1, single).compute_orders(), single)
+
+
+@pytest.mark.timeout(60)
+def test_timing_and_memory_model():
+    plan = make_plan(1, 4, micro_batch_size=1, seq_length=8)
+    costs = Costs(lambda stage, a: 1.0 if a.kind == A.FORWARD else 2.0, send=lambda a: 0.5, step=3.0)
+    result = simulate(lower("slice-1f1b", 2, 2, plan), plan, costs, bytes_per_token=[10.0, 20.0])
+    assert result.peak_activation_bytes == [t * b for t, b in zip(result.peak_alive_tokens, [10.0, 20.0])]
+    assert result.peak_alive_tokens == [2 * u for u in result.peak_alive_units]
+    for stage in range(2):
+        row = result.stage_segments(stage)
+        assert all(a.end <= b.start + 1e-12 for a, b in zip(row, row[1:]))  # one thing at a time
+        assert row[-1].kind == A.STEP and row[-1].end - row[-1].start == 3.0
+    # Stage 1's first forward waits for stage 0's forward plus the transfer.
+    first = {(s.stage, s.action.kind, s.action.key): s for s in result.segments}
+    assert first[1, "F", (0, 0, 0)].start == pytest.approx(1.5)
+    assert result.makespan == max(s.end for s in result.segments)
+
+
+@pytest.mark.timeout(60)
 def test_every_instruction_has_an_engine_handler():
     from seqpipe_ds.engine import SeqPipeEngine
+    from seqpipe_ds.schedules.instructions import ProgramSchedule
     plan = make_plan(2, 2, micro_batch_size=2, seq_length=4)
-    for program in streams(3, 2, plan):
-        for cmd in program:
-            assert type(cmd) in SeqPipeEngine._INSTRUCTION_MAP, cmd
+    for name in SCHEDULES:
+        for stage, program in enumerate(lower(name, 3, 2, plan)):
+            for step in ProgramSchedule(program, 2, 3, stage).steps():
+                for cmd in step:
+                    assert type(cmd) in SeqPipeEngine._INSTRUCTION_MAP, cmd

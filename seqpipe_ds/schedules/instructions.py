@@ -1,0 +1,80 @@
+"""A lowered program as DeepSpeed ``PipeInstruction``s, which ``SeqPipeEngine`` executes.
+
+Each instruction's docstring says what it does to the engine's per-unit buffers; the keys are
+(micro-batch, batch slice, sequence slice), so units of several micro-batches can be in flight.
+"""
+from typing import Sequence
+
+from deepspeed.runtime.pipe.schedule import OptimizerStep, PipeInstruction, PipeSchedule, ReduceGrads, ReduceTiedGrads
+
+from .actions import BACKWARD, FORWARD, LOAD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP, Action
+
+
+class SliceInstruction(PipeInstruction):
+    """An instruction about one unit: ``micro_batch`` and ``unit`` = (batch slice, sequence slice)."""
+
+    def __init__(self, micro_batch: int, unit):
+        super().__init__(micro_batch=micro_batch, unit=tuple(unit))
+
+
+class LoadMicroBatch(PipeInstruction):
+    """First and last stage: read the next micro-batch from the data iterator and keep its views per
+    unit: ``inputs[m, unit]`` (first stage, token ids), ``labels[m, unit]`` and the loss normalizer of
+    the whole micro-batch (last stage)."""
+
+    def __init__(self, micro_batch: int):
+        super().__init__(micro_batch=micro_batch)
+
+
+class ForwardSlice(SliceInstruction):
+    """Runs the stage on ``inputs[key]`` inside the KV cache of (m, batch slice). Non-last stages keep
+    the result in ``outputs[key]``; the last stage pops ``labels[key]`` and keeps ``losses[key]``. The
+    first stage pops ``inputs[key]`` (token ids need no gradient)."""
+
+
+class BackwardSlice(SliceInstruction):
+    """Backpropagates ``losses[key]`` (last stage) or ``outputs[key]`` with ``grads[key]`` (both popped),
+    together with the K/V gradients later slices left in the cache; then releases the slice's cache."""
+
+
+class SendSliceActivation(SliceInstruction):
+    """Sends ``outputs[key]`` to the next stage (asynchronously; ``outputs[key]`` stays for backward)."""
+
+
+class RecvSliceActivation(SliceInstruction):
+    """Receives the unit's activation from the previous stage into ``inputs[key]`` (requires grad)."""
+
+
+class SendSliceGrad(SliceInstruction):
+    """Pops ``inputs[key]`` and sends its ``.grad`` to the previous stage (asynchronously)."""
+
+
+class RecvSliceGrad(SliceInstruction):
+    """Receives the gradient of ``outputs[key]`` from the next stage into ``grads[key]``."""
+
+
+_SLICE = {FORWARD: ForwardSlice, BACKWARD: BackwardSlice, SEND_ACT: SendSliceActivation,
+          RECV_ACT: RecvSliceActivation, SEND_GRAD: SendSliceGrad, RECV_GRAD: RecvSliceGrad}
+
+
+def to_instructions(action: Action) -> list:
+    if action.kind == LOAD:
+        return [LoadMicroBatch(action.micro_batch)]
+    if action.kind == STEP:
+        return [ReduceTiedGrads(), ReduceGrads(), OptimizerStep()]
+    return [_SLICE[action.kind](action.micro_batch, action.unit)]
+
+
+class ProgramSchedule(PipeSchedule):
+    """One stage's lowered program, one action per DeepSpeed step."""
+
+    def __init__(self, program: Sequence[Action], micro_batches: int, stages: int, stage_id: int):
+        super().__init__(micro_batches=micro_batches, stages=stages, stage_id=stage_id)
+        self.program = program
+
+    def steps(self):
+        for action in self.program:
+            yield to_instructions(action)
+
+    def num_pipe_buffers(self) -> int:
+        return 1  # the engine keeps per-unit state itself; DeepSpeed's buffer slots go unused

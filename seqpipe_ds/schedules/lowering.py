@@ -1,0 +1,68 @@
+"""Lowering: a schedule's compute order -> per-stage programs with loads, sends, receives, step.
+
+Each compute first gets its receive right before it and its send right after it, the cheapest
+placement with asynchronous sends. On NCCL that is not enough: a send does not complete before
+the peer posts the matching receive, so two neighbours that both send first wait for each other
+forever (in 1F1B's steady state stage s sends an activation while stage s+1 sends a gradient).
+The lowering therefore runs the programs in the simulator with rendezvous sends; at each such
+standoff the later stage takes the activation first and sends its gradient after, the exchange
+that Megatron's ``send_forward_recv_backward`` does in one call. The exchange costs nothing: each
+side needs the other's message only after the compute it has just finished. The result meets
+every send/receive pair in one order on both sides, so it runs with blocking or async sends.
+"""
+from functools import lru_cache
+from typing import List, Sequence, Tuple
+
+from ..slicing import SlicePlan
+from .actions import BACKWARD, FORWARD, LOAD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP, Action
+from .orders import get_schedule
+from .simulator import simulate
+
+
+def _eager(orders: Sequence[Sequence[Action]]) -> List[List[Action]]:
+    """Each compute with its receive right before it and its send right after it."""
+    stages = len(orders)
+    programs = []
+    for stage, order in enumerate(orders):
+        first, last = stage == 0, stage == stages - 1
+        program, loaded = [], set()
+        for a in order:
+            if a.kind == FORWARD and (first or last) and a.micro_batch not in loaded:
+                loaded.add(a.micro_batch)
+                program.append(Action(LOAD, a.micro_batch))
+            if a.kind == FORWARD and not first:
+                program.append(Action(RECV_ACT, *a.key))
+            if a.kind == BACKWARD and not last:
+                program.append(Action(RECV_GRAD, *a.key))
+            program.append(a)
+            if a.kind == FORWARD and not last:
+                program.append(Action(SEND_ACT, *a.key))
+            if a.kind == BACKWARD and not first:
+                program.append(Action(SEND_GRAD, *a.key))
+        programs.append(program + [Action(STEP)])
+    return programs
+
+
+def _exchange(programs: List[List[Action]], pcs: List[int]) -> bool:
+    """At a standoff (stage s sends an activation, stage s+1 a gradient) stage s+1 receives first."""
+    for s in range(len(programs) - 1):
+        mine, theirs = programs[s][pcs[s]:pcs[s] + 1], programs[s + 1][pcs[s + 1]:pcs[s + 1] + 1]
+        if mine and theirs and mine[0].kind == SEND_ACT and theirs[0].kind == SEND_GRAD:
+            receive = Action(RECV_ACT, *mine[0].key)
+            later = programs[s + 1]
+            later.remove(receive)  # it sits further on, right before its forward
+            later.insert(pcs[s + 1], receive)
+            return True
+    return False
+
+
+def lower_orders(orders: Sequence[Sequence[Action]], plan: SlicePlan) -> List[List[Action]]:
+    """Per-stage programs for the given compute orders; raises ScheduleError if they cannot run."""
+    return simulate(_eager(orders), plan, rendezvous=True, on_deadlock=_exchange).programs
+
+
+@lru_cache(maxsize=64)
+def lower(name: str, stages: int, micro_batches: int, plan: SlicePlan) -> Tuple[Tuple[Action, ...], ...]:
+    """The programs of the registered schedule ``name`` for one training step (cached, so immutable)."""
+    schedule = get_schedule(name)(stages, micro_batches, plan)
+    return tuple(tuple(p) for p in lower_orders(schedule.compute_orders(), plan))
