@@ -11,10 +11,12 @@ SLICING = {"seq_slices": [7, 5, 4], "batch_slices": 2}
 
 
 @pytest.mark.timeout(400)
-def test_resume_continues_the_identical_loss_curve(tmp_path):
-    whole = launcher.run(engine_cases.train, 2, case=CASE, seqpipe=SLICING, steps=range(5))
-    first = launcher.run(engine_cases.train, 2, case=CASE, seqpipe=SLICING, steps=range(2), save=str(tmp_path))
-    resumed = launcher.run(engine_cases.train, 2, case=CASE, seqpipe=SLICING, steps=range(2, 5), load=str(tmp_path))
+@pytest.mark.parametrize("schedule", ["terapipe", "slice-1f1b"])
+def test_resume_continues_the_identical_loss_curve(tmp_path, schedule):
+    slicing = dict(SLICING, schedule=schedule)
+    whole = launcher.run(engine_cases.train, 2, case=CASE, seqpipe=slicing, steps=range(5))
+    first = launcher.run(engine_cases.train, 2, case=CASE, seqpipe=slicing, steps=range(2), save=str(tmp_path))
+    resumed = launcher.run(engine_cases.train, 2, case=CASE, seqpipe=slicing, steps=range(2, 5), load=str(tmp_path))
     assert first[0]["losses"] == whole[0]["losses"][:2]
     # Same process layout, same operations: a resumed run is bit-identical.
     assert resumed[0]["losses"] == whole[0]["losses"][2:]
@@ -30,12 +32,15 @@ BF16_LOSS_RTOL, BF16_PARAM_RTOL = 1e-2, 5e-2
 @pytest.mark.timeout(300)
 def test_bf16_matches_stock_within_bf16_precision():
     case = dict(CASE, bf16=True)
-    stock, sliced = zip(*launcher.run(engine_cases.train_many, 2, runs=[(case, None), (case, SLICING)]))
-    assert {r["dtype"] for r in stock + sliced} == {"torch.bfloat16"}
-    stock, sliced = engine_cases.merge(stock), engine_cases.merge(sliced)
-    assert_close({"loss": torch.tensor(sliced["losses"])}, {"loss": torch.tensor(stock["losses"])}, BF16_LOSS_RTOL,
-                 "bf16 loss")
-    assert_close(sliced["params"], stock["params"], BF16_PARAM_RTOL, "bf16 params")
+    stock, *sliced = zip(*launcher.run(engine_cases.train_many, 2, runs=[
+        (case, None), *[(case, dict(SLICING, schedule=name)) for name in ("terapipe", "slice-1f1b")]]))
+    assert {r["dtype"] for run in (stock, *sliced) for r in run} == {"torch.bfloat16"}
+    stock = engine_cases.merge(stock)
+    for run in sliced:
+        run = engine_cases.merge(run)
+        assert_close({"loss": torch.tensor(run["losses"])}, {"loss": torch.tensor(stock["losses"])}, BF16_LOSS_RTOL,
+                     "bf16 loss")
+        assert_close(run["params"], stock["params"], BF16_PARAM_RTOL, "bf16 params")
     assert stock["losses"][-1] < stock["losses"][0]
 
 

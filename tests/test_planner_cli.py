@@ -42,7 +42,7 @@ def test_fit_solve_show(tmp_path, model_file, capsys):
     png = tmp_path / "plan.png"
     assert main(["show", str(plans), "--latency-model", str(model_file), "--png", str(png)]) == 0
     printed = capsys.readouterr().out
-    assert "stage   3: F0 " in printed and " U " in printed
+    assert "stage   3: 0.0.0F " in printed and " STEP " in printed
     makespan = float(re.search(r"timeline makespan: ([\d.e-]+) s", printed).group(1))
     assert makespan == pytest.approx(latency, rel=1e-5)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

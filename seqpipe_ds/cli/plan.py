@@ -16,9 +16,10 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..planner import PlanEntry, read_plans, solve, timeline, write_plan
+from ..planner import PlanEntry, predict, read_plans, solve, write_plan
 from ..planner.fit import CONTEXT_TERMS, fit_profile, read_model_file, write_model_file
-from ..planner.timeline import makespan
+from ..schedules import SCHEDULES
+from ..slicing import make_plan
 
 # Ranks outside the measuring TP group wait in a barrier for the whole profile.
 PROFILE_TIMEOUT = timedelta(hours=12)
@@ -88,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-model", help="latency model JSON: predicts the slice times for the timeline")
     p.add_argument("--fwd-fraction", type=float, default=1 / 3,
                    help="share of a slice's time spent in forward (backward takes the rest)")
+    p.add_argument("--schedule", default="terapipe", choices=sorted(SCHEDULES),
+                   help="the schedule whose lowered programs are simulated")
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--png", help="write a Gantt chart of the timeline here")
     return parser
 
@@ -187,22 +191,18 @@ def _show(args) -> None:
             raise ValueError("--png needs --latency-model (the slice times come from it)")
         return
     model = read_model_file(args.latency_model).model
-    times = model.plan_slice_times(entry.batch_slices, entry.input_slices)
-    if not np.isfinite(times).all():
-        raise ValueError("the latency model cannot predict every slice of this plan (outside the profiled range)")
-    segments = timeline([t * args.fwd_fraction for t in times], [t * (1 - args.fwd_fraction) for t in times],
-                        entry.pp, model.update_time)
-    print("slices (pipeline order): " + ", ".join(f"S{i}={t:.4g}s" for i, t in enumerate(times)))
+    plan = make_plan(entry.batch_slices, entry.input_slices, sum(entry.batch_slices), sum(entry.input_slices[0]))
+    result = predict(plan, lambda b, l, c: float(model.predict(b, l, c)), entry.pp, args.micro_batches,
+                     args.schedule, args.fwd_fraction, model.update_time)
+    print(f"{args.schedule}, {args.micro_batches} micro-batch(es): simulated per-stage programs")
     for stage in range(entry.pp):
-        row = [s for s in segments if s.stage == stage]
-        print(f"stage {stage:>3}: " + "  ".join(
-            f"{'U' if s.phase == 'update' else s.phase[0].upper() + str(s.slice)} {s.start:.4g}-{s.end:.4g}"
-            for s in row))
-    end = makespan(segments)
-    print(f"timeline makespan: {end:.6g} s")
+        print(f"stage {stage:>3}: " + "  ".join(f"{s.action} {s.start:.4g}-{s.end:.4g}"
+                                               for s in result.stage_segments(stage)))
+    print(f"timeline makespan: {result.makespan:.6g} s")
     if args.png:
         from ..planner.gantt import draw_gantt
-        draw_gantt(segments, args.png, title=f"{entry.describe()}\nmakespan {end:.4g} s")
+        draw_gantt(result.segments, args.png, title=f"{entry.describe()}, {args.schedule}\n"
+                                                    f"makespan {result.makespan:.4g} s")
         print(f"wrote {args.png}")
 
 

@@ -1,10 +1,11 @@
-"""PNG Gantt chart of a predicted timeline (one row per stage)."""
+"""PNG Gantt chart of a timeline, predicted or measured (one row per stage)."""
 import textwrap
 from typing import Sequence
 
-from .timeline import Segment
+from ..schedules import Segment
+from ..schedules.actions import BACKWARD, FORWARD, STEP
 
-COLORS = {"fwd": "tab:blue", "bwd": "tab:orange", "update": "tab:gray"}
+COLORS = {FORWARD: ("tab:blue", "forward"), BACKWARD: ("tab:orange", "backward"), STEP: ("tab:gray", "step")}
 
 
 def draw_gantt(segments: Sequence[Segment], path: str, title: str = "") -> None:
@@ -15,12 +16,12 @@ def draw_gantt(segments: Sequence[Segment], path: str, title: str = "") -> None:
 
     stages = 1 + max(s.stage for s in segments)
     fig, ax = plt.subplots(figsize=(12, max(2.0, 0.3 * stages + 1.2)))
-    for phase, color in COLORS.items():
-        bars = [(s.start, s.end - s.start) for s in segments if s.phase == phase]
-        rows = [s.stage for s in segments if s.phase == phase]
+    for kind, (color, label) in COLORS.items():
+        bars = [(s.start, s.end - s.start) for s in segments if s.kind == kind]
+        rows = [s.stage for s in segments if s.kind == kind]
         for row in sorted(set(rows)):
             ax.broken_barh([bar for bar, r in zip(bars, rows) if r == row], (row - 0.4, 0.8), facecolors=color,
-                           edgecolors="white", linewidth=0.3, label=phase if row == min(rows) else None)
+                           edgecolors="white", linewidth=0.3, label=label if row == min(rows) else None)
     ax.set_ylim(stages - 0.5, -0.5)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("stage")

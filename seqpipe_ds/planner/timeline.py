@@ -1,54 +1,40 @@
-"""Predicted per-stage timeline of one iteration of a sliced pipeline.
+"""Predicted timelines: the latency model's slice times charged to the lowered programs of the
+schedule that runs, in the one simulator (``seqpipe_ds.schedules``).
 
-Every stage runs the forwards of all slices in order, then their backwards in reverse order (a
-slice's K/V gradients come from the backwards of the slices after it), then the optimizer step.
-A forward starts when the previous stage has finished that slice and this stage its previous
-slice; a backward when the next stage has finished it and this stage the one after it.
-
-The longest chain of that schedule runs the forwards across all stages and back, so its makespan
-is sum(fwd) + sum(bwd) + (K - 1) * (max(fwd) + max(bwd)) + update: with backward a fixed multiple
-of forward, exactly the planner's sum(t) + (K - 1) * max(t) + update.
+A slice's predicted time (compute and its sends, as the DP charges it) is split into forward and
+backward by ``forward_fraction``. For the terapipe order on one micro-batch this reproduces the
+DP's objective sum(t) + (stages - 1) * max(t) + update exactly (a proportionate flow shop).
 """
-from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..schedules import Costs, SimResult, lower, simulate
+from ..schedules.actions import FORWARD
+from ..slicing import SlicePlan
+
+FORWARD_FRACTION = 1 / 3  # backward ~ twice the forward
 
 
-@dataclass(frozen=True)
-class Segment:
-    stage: int
-    slice: int  # -1 for the optimizer step
-    phase: str  # "fwd", "bwd" or "update"
-    start: float
-    end: float
+def context_of(plan: SlicePlan) -> Dict[Tuple[int, int], int]:
+    """Tokens of the same sequence before each unit (the context its attention reads)."""
+    return {(b, s): sum(lengths[:s]) for b, lengths in enumerate(plan.seq_slices) for s in range(len(lengths))}
 
 
-def timeline(forward: Sequence[float], backward: Sequence[float], num_stages: int,
-             update_time: float = 0.0) -> List[Segment]:
-    """Segments of every stage, in the order the schedule runs them; slices in pipeline order."""
-    if len(forward) != len(backward) or not forward:
-        raise ValueError(f"need one forward and one backward time per slice, got {len(forward)} and {len(backward)}")
-    if num_stages < 1:
-        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-    n = len(forward)
-    fwd_end = [[0.0] * n for _ in range(num_stages)]
-    bwd_end = [[0.0] * n for _ in range(num_stages)]
-    segments = []
-    for k in range(num_stages):
-        for i in range(n):
-            start = max(fwd_end[k - 1][i] if k else 0.0, fwd_end[k][i - 1] if i else 0.0)
-            fwd_end[k][i] = start + forward[i]
-            segments.append(Segment(k, i, "fwd", start, fwd_end[k][i]))
-    for k in reversed(range(num_stages)):
-        for i in reversed(range(n)):
-            after_next_stage = bwd_end[k + 1][i] if k + 1 < num_stages else 0.0
-            after_this_stage = bwd_end[k][i + 1] if i + 1 < n else fwd_end[k][n - 1]
-            start = max(after_next_stage, after_this_stage)
-            bwd_end[k][i] = start + backward[i]
-            segments.append(Segment(k, i, "bwd", start, bwd_end[k][i]))
-        if update_time:
-            segments.append(Segment(k, -1, "update", bwd_end[k][0], bwd_end[k][0] + update_time))
-    return segments
+def slice_costs(plan: SlicePlan, slice_time: Callable[[int, int, int], float],
+                forward_fraction: float = FORWARD_FRACTION, update_time: float = 0.0) -> Costs:
+    """Costs from ``slice_time(batch, length, context)`` = forward + backward seconds of one unit."""
+    context = context_of(plan)
+    times = {u: float(slice_time(*plan.shape(u), context[u])) for u in plan.units()}
+    if not np.isfinite(list(times.values())).all():
+        raise ValueError("the latency model cannot predict every slice of this plan (outside the profiled range)")
+    return Costs(lambda stage, a: times[a.unit] * (forward_fraction if a.kind == FORWARD else 1 - forward_fraction),
+                 step=update_time)
 
 
-def makespan(segments: Sequence[Segment]) -> float:
-    return max(segment.end for segment in segments)
+def predict(plan: SlicePlan, slice_time: Callable[[int, int, int], float], stages: int, micro_batches: int = 1,
+            schedule: str = "terapipe", forward_fraction: float = FORWARD_FRACTION, update_time: float = 0.0,
+            bytes_per_token: Optional[Sequence[float]] = None) -> SimResult:
+    """The simulated step of ``schedule`` with these slice times."""
+    return simulate(lower(schedule, stages, micro_batches, plan), plan,
+                    slice_costs(plan, slice_time, forward_fraction, update_time), bytes_per_token=bytes_per_token)
