@@ -81,7 +81,7 @@ def _too_long(module):
 
 
 def _beyond_kv_capacity(module):
-    from seqpipe_ds.kv_cache import KVCache
+    from seqpipe_ds.attention import KVCache
     cache = KVCache(capacity=32)
     tokens, positions = make_batch(BATCH, 40, module.gpt_config.vocab_size)[0]
     with cache.slice(0):
@@ -92,7 +92,7 @@ def _beyond_kv_capacity(module):
 
 
 def _kv_batch_mismatch(module):
-    from seqpipe_ds.kv_cache import KVCache
+    from seqpipe_ds.attention import KVCache
     cache = KVCache()
     with cache.slice(0):
         module(make_batch(BATCH, 8, module.gpt_config.vocab_size)[0])
@@ -102,7 +102,7 @@ def _kv_batch_mismatch(module):
 
 
 def _kv_heads_mismatch(module):
-    from seqpipe_ds.kv_cache import KVCache
+    from seqpipe_ds.attention import KVCache
     cache = KVCache()
     with cache.slice(0):
         cache.extend(0, *[torch.zeros(BATCH, 4, 5, 8)] * 2)

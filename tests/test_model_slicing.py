@@ -32,7 +32,7 @@ def _run_whole(module, batch):
 
 
 def _run_sliced(module, batch, lengths):
-    from seqpipe_ds.kv_cache import KVCache
+    from seqpipe_ds.attention import KVCache
     cache = KVCache(capacity=64)
     normalizer = module.loss_fn.normalizer(batch[1])
     losses, logits = [], []

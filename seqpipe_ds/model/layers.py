@@ -6,9 +6,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.utils import init_method_normal, scaled_init_method_normal
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
-from .. import kv_cache
+from .. import attention
 from ..protocol import sliceable
 from .config import GPTConfig
 
@@ -46,9 +45,8 @@ def lm_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
 class SelfAttention(nn.Module):
     """Causal self-attention over a slice of positions [offset, offset + len).
 
-    Inside ``KVCache.slice`` the slice attends to the cached K/V of all earlier positions too;
-    the causal mask is then aligned bottom-right (query at absolute position p sees keys 0..p),
-    which is what ``causal_lower_right`` means (SDPA's ``is_causal`` aligns top-left).
+    Inside ``KVCache.slice`` the slice also attends to the K/V that earlier slices cached (query
+    at absolute position p sees keys 0..p): ``attention.attend`` does it block by block.
     """
 
     def __init__(self, config: GPTConfig, layer_number: int):
@@ -72,24 +70,10 @@ class SelfAttention(nn.Module):
         b, s, _ = x.shape
         qkv, _ = self.linear_qkv(x)
         q, k, v = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, dim=-1)
-        cache = kv_cache.current()
-        if cache is not None:
-            k, v = cache.extend(self.layer_number, k, v)
-        dropout = self.dropout if self.training else 0.0
-        if k.shape[2] == s:
-            out = self._attend(q, k, v, dropout, is_causal=True)
-        else:
-            out = self._attend(q, k, v, dropout, attn_mask=causal_lower_right(s, k.shape[2]))
+        out = attention.attend(q, k, v, attention.current(), self.layer_number,
+                               self.dropout if self.training else 0.0)  # (B, nh, s, hd)
         out, _ = self.linear_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
         return out
-
-    @staticmethod
-    def _attend(q, k, v, dropout, **mask):
-        if not dropout:
-            return F.scaled_dot_product_attention(q, k, v, **mask)
-        # Dropout masks differ between TP ranks (each holds other heads): megatron's tracker forks.
-        with tensor_parallel.get_cuda_rng_tracker().fork():
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **mask)
 
 
 class MLP(nn.Module):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from ..kv_cache import KVCache
+from ..attention import KVCache
 from ..model import GPTConfig, TransformerLayer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
