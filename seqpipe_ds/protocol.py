@@ -1,7 +1,7 @@
 """What a pipeline model must offer to be run slice by slice.
 
 A layer can take a sequence slice when it is position-wise or, like attention, finds earlier
-positions through ``kv_cache.current()``. Nothing in a layer list says which is which, so layers
+positions through ``attention.current()``. Nothing in a layer list says which is which, so layers
 declare it with ``@sliceable``; the loss must accept the normalizer of the whole micro-batch.
 """
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
