@@ -1,14 +1,17 @@
-"""Process-start patches that let megatron-core and DeepSpeed run on CPU-only machines.
+"""Process-start patches: megatron-core and DeepSpeed on CPU-only machines, and one DeepSpeed correctness fix.
 
 Call `apply_all()` once at process start, before `deepspeed.init_distributed`. Each patch checks whether it
 is needed (no CUDA / CPU accelerator) and is a no-op otherwise; calling again changes nothing.
   megatron_cpu   megatron-core's torch.cuda RNG/device calls -> CPU equivalents (no CUDA only)
   deepspeed_shm  no JIT-built shm comm op at deepspeed.init_distributed (CPU accelerator only)
   gloo_exit      destroy process groups at exit, avoiding gloo's exit abort (no CUDA only)
+  clip_norm      fp32 gradient clipping with the true global norm under pipeline parallelism (always;
+                 "seqpipe": {"stock_clip_norm": true} keeps DeepSpeed's, deepspeedai/DeepSpeed#1839)
 """
-from . import deepspeed_shm, gloo_exit, megatron_cpu
+from . import clip_norm, deepspeed_shm, gloo_exit, megatron_cpu
 
-PATCHES = {"megatron_cpu": megatron_cpu, "deepspeed_shm": deepspeed_shm, "gloo_exit": gloo_exit}
+PATCHES = {"megatron_cpu": megatron_cpu, "deepspeed_shm": deepspeed_shm, "gloo_exit": gloo_exit,
+           "clip_norm": clip_norm}
 
 _applied = ()
 

@@ -15,6 +15,7 @@ from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 
 from . import config as seqpipe_config
 from . import protocol
+from .patches import clip_norm
 from .protocol import sliceable
 from .slicing import SlicePlan, make_plan
 
@@ -73,6 +74,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                mesh_param=None, config_params=None):
     """``deepspeed.initialize`` with sequence slicing; returns (engine, optimizer, dataloader, lr_scheduler)."""
     ds_config = _load_config(args, config, config_params)
+    clip_norm.apply()  # true global norm for fp32 clipping, also for stock pipelining (patches/clip_norm.py)
     kwargs = dict(model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
                   lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
                   config=ds_config, mesh_param=mesh_param)

@@ -18,6 +18,9 @@ class SeqPipeConfig(BaseModel):
     batch_slices: Union[int, List[int]] = 1
     plan: Optional[str] = None
     plan_model: Optional[str] = None  # model name to match entries of TeraPipe-format plan files
+    # true: fp32 clipping uses DeepSpeed's own norm, which under pipeline parallelism leaves parameters out
+    # (deepspeedai/DeepSpeed#1839); for side-by-side comparisons with stock only (patches/clip_norm.py)
+    stock_clip_norm: bool = False
 
 
 def parse(ds_config: dict) -> SeqPipeConfig:
