@@ -2,14 +2,16 @@
 
 ``python -m seqpipe_ds.benchmark SPEC.json`` (under a launcher) builds one engine per variant in
 the same processes, warms them up, then alternates them iteration by iteration so that drifts
-of the machine hit every variant alike. Rank 0 writes the result JSON named in the spec.
+of the machine hit every variant alike. With ``"measure"``, one more iteration per variant
+records the bytes saved for backward (``memory.SavedTensorMeter``) and, for seqpipe variants, the
+slice timestamps; and every stage probes its saved bytes per token on one whole sequence (the
+memory model's input). Rank 0 writes the result JSON named in the spec.
 
-Spec: {"model": {GPTConfig fields}, "stages": K, "warmup": w, "repeats": r, "trace": bool, "out": path,
+Spec: {"model": {GPTConfig fields}, "stages": K, "warmup": w, "repeats": r, "measure": bool, "out": path,
        "variants": {name: {"micro_batch_size": b, "gradient_accumulation": g,
                            "seqpipe": seqpipe section, or null for stock DeepSpeed}}}
 """
 import json
-import resource
 import sys
 import time
 
@@ -19,6 +21,7 @@ from deepspeed import comm as dist
 import seqpipe_ds
 from seqpipe_ds import parallel
 from seqpipe_ds.data import corpus_documents
+from seqpipe_ds.memory import SavedTensorMeter
 from seqpipe_ds.model import GPTConfig, gpt_pipeline
 
 
@@ -43,16 +46,12 @@ def _batches(spec, variant):
     return [((seqs[:, :-1], positions), (seqs[:, 1:], torch.ones(b, s))) for seqs in tokens]
 
 
-def _peak_memory():
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process lifetime peak RSS
-
-
-def _max_over_ranks(value):
-    t = torch.tensor([float(value)], device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+def _per_stage(engine, value):
+    """[value of stage 0, ...]: the maximum over the ranks of each stage."""
+    values = torch.zeros(engine.num_stages, device=engine.device)
+    values[engine.stage_id] = float(value)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
 
 
 def run(spec):
@@ -65,7 +64,7 @@ def run(spec):
                                                   config=_ds_config(spec, variant))
         batches[name] = _batches(spec, variant)
     times = {name: [] for name in engines}
-    memory = {name: 0.0 for name in engines}
+    cuda_peak = {name: 0.0 for name in engines}
     for rep in range(spec["warmup"] + spec["repeats"]):
         for name, engine in engines.items():
             if torch.cuda.is_available():
@@ -75,33 +74,59 @@ def run(spec):
             engine.train_batch(data_iter=iter(batches[name]))
             dist.barrier()
             elapsed = time.perf_counter() - start
-            memory[name] = max(memory[name], _max_over_ranks(_peak_memory()))
+            if torch.cuda.is_available():
+                cuda_peak[name] = max(cuda_peak[name], max(_per_stage(engine, torch.cuda.max_memory_allocated())))
             if rep >= spec["warmup"]:
                 times[name].append(elapsed)
-    return {"times": times, "peak_memory": memory, "trace": _traces(spec, engines, batches),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "world_size": dist.get_world_size()}
+    result = {"times": times, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "world_size": dist.get_world_size(), "cuda_peak_memory": cuda_peak if torch.cuda.is_available() else None}
+    if spec.get("measure"):
+        result.update(_measure(spec, engines, batches))
+    return result
 
 
-def _traces(spec, engines, batches):
-    """One more iteration per seqpipe variant with slice timestamps, gathered from every stage."""
-    if not spec.get("trace"):
-        return {}
-    out = {}
+def _measure(spec, engines, batches):
+    """One iteration per variant with the saved-tensor meter (and slice timestamps); the per-token probe."""
+    saved, traces = {}, {}
     for name, engine in engines.items():
-        if spec["variants"][name]["seqpipe"] is None:
-            continue
-        engine.slice_trace = []
+        meter = SavedTensorMeter(engine.module.parameters())
+        sliced = spec["variants"][name]["seqpipe"] is not None
+        if sliced:
+            engine.slice_trace = []
         dist.barrier()
         origin = time.perf_counter()
-        engine.train_batch(data_iter=iter(batches[name]))
-        local = [(engine.stage_id, mb, list(unit), phase, t0 - origin, t1 - origin)
-                 for mb, unit, phase, t0, t1 in engine.slice_trace]
-        engine.slice_trace = None
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        out[name] = [row for rows in gathered for row in rows]
-    return out
+        with meter.hooks():
+            engine.train_batch(data_iter=iter(batches[name]))
+        saved[name] = _per_stage(engine, meter.peak)
+        if sliced:
+            local = [[engine.stage_id, a.kind, *a.key, t0 - origin, t1 - origin] for a, t0, t1 in engine.slice_trace]
+            engine.slice_trace = None
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+            traces[name] = [row for rows in gathered for row in rows]
+    engine, name = next(iter(engines.values())), next(iter(engines))
+    return {"saved_peak_bytes": saved, "trace": traces,
+            "saved_bytes_per_token": _per_stage(engine, _probe_bytes_per_token(engine, batches[name][0]))}
+
+
+def _probe_bytes_per_token(engine, batch):
+    """Bytes this stage saves for backward per token of one whole sequence (forward, and the loss on the last stage)."""
+    (tokens, positions), (labels, loss_mask) = batch
+    seq = tokens.shape[1]
+    module = engine.module
+    if engine.is_first_stage():
+        inputs = (tokens[:1].to(engine.device), positions[:1].to(engine.device))
+    else:
+        dtype = next(module.parameters()).dtype
+        inputs = torch.randn(1, seq, module.gpt_config.hidden_size, dtype=dtype, device=engine.device,
+                             requires_grad=True)
+    meter = SavedTensorMeter(module.parameters())
+    with meter.hooks():
+        out = module(inputs)
+        if engine.is_last_stage():
+            out = module.loss_fn(out, (labels[:1].to(engine.device), loss_mask[:1].to(engine.device)))
+    del out
+    return meter.peak / seq
 
 
 def main(argv=None):

@@ -1,7 +1,8 @@
 """seqpipe-bench end to end on a tiny model: it runs, and its table and files say what ran.
 
 Speed is not asserted here (benchmarks measure it); this checks the plumbing: profile -> fit ->
-solve -> plan file -> timed launch under the deepspeed launcher -> ideal -> memory -> table/JSON/PNG.
+solve -> plan file -> timed launch under the deepspeed launcher (both schedules) -> measured iteration
+(saved bytes, slice timestamps) -> ideal -> simulator predictions -> table/JSON/PNG.
 """
 import json
 import os
@@ -18,22 +19,26 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     png = tmp_path / "timeline.png"
     command = [sys.executable, "-m", "seqpipe_ds.cli.bench", "--num-layers", "2", "--hidden-size", "64",
                "--num-attention-heads", "4", "--seq-length", "128", "--granularity", "32", "--uniform", "2",
-               "--profile-repeats", "1", "--warmup", "0", "--repeats", "2", "--timeout", "300",
+               "--batch-size", "2", "--profile-repeats", "1", "--warmup", "0", "--repeats", "2", "--timeout", "300",
                "--out", str(tmp_path), "--png", str(png)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SEQPIPE_DIST_TIMEOUT_MIN": "3"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("stock DeepSpeed", "seqpipe uniform 2", "seqpipe planned", "ideal (1 process / 2)"):
+    seqpipe = [f"{s} {v}" for s in ("terapipe", "slice-1f1b") for v in ("uniform 2", "planned")]
+    for name in ("stock DeepSpeed", *seqpipe, "ideal (1 process / 2)"):
         assert name in done.stdout
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert rows["seqpipe uniform 2"]["slicing"] == "1x[64, 64]"
+    assert rows["slice-1f1b uniform 2"]["slicing"] == "2 x (1x[64, 64])"
+    assert rows["slice-1f1b uniform 2"]["schedule"] == "slice-1f1b"
     plan = json.loads((tmp_path / "dp_results.json").read_text())[0]
-    assert rows["seqpipe planned"]["slicing"] == " | ".join(
+    assert rows["terapipe planned"]["slicing"] == " | ".join(
         f"{b}x{lengths}" for b, lengths in zip(plan["batch_slices"], plan["input_slices"]))
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["vs_stock"] > 0
-    for name in ("stock DeepSpeed", "seqpipe uniform 2", "seqpipe planned"):
-        assert rows[name]["peak_memory_mib"] > 0 and rows[name]["predicted_s"] > 0
-        assert rows[name]["s_min"] <= rows[name]["s_per_iter"] <= rows[name]["s_max"]
+    for name in ("stock DeepSpeed", *seqpipe):
+        row = rows[name]
+        assert row["predicted_s"] > 0 and row["s_min"] <= row["s_per_iter"] <= row["s_max"]
+        assert len(row["stage_peak_activation_mib"]) == len(row["stage_predicted_peak_activation_mib"]) == 2
+        assert row["peak_activation_mib"] > 0 and row["predicted_peak_activation_mib"] > 0
     assert png.stat().st_size > 0

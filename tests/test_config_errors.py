@@ -130,3 +130,19 @@ def test_every_rank_reports_the_error_before_communicating(tmp_path):
     assert f"plan file {plan_path} has no plan for" in messages["no matching plan"]
     assert "pp=4" in messages["no matching plan"]  # it lists what the file does contain
     assert "sum to 15, not to the 16 tokens" in messages["config file"]
+
+
+def test_pretrain_script_fills_seq_length_from_the_command_line(tmp_path):
+    # A new user's section names no sequence length: --seq-length says it, once.
+    from seqpipe_ds import megatron_args
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "10", "--deepspeed", "--deepspeed_config"]
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"seqpipe": {"enabled": True, "seq_slices": 4}}))
+    config = megatron_args.deepspeed_config(megatron_args.parse_args(argv + [str(path)], world_size=1))
+    assert seqpipe_config.parse(config).seq_length == 32
+    path.write_text(json.dumps({"seqpipe": {"enabled": True, "seq_slices": 4, "seq_length": 64}}))
+    with pytest.raises(ValueError, match="seqpipe.seq_length = 64"):
+        megatron_args.deepspeed_config(megatron_args.parse_args(argv + [str(path)], world_size=1))
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))  # no section: none is added
+    assert "seqpipe" not in megatron_args.deepspeed_config(megatron_args.parse_args(argv + [str(path)], world_size=1))
