@@ -14,7 +14,7 @@ from deepspeed.runtime.pipe import PipelineModule
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 
 from . import config as seqpipe_config
-from . import protocol
+from . import protocol, schedules
 from .patches import clip_norm
 from .protocol import sliceable
 from .slicing import SlicePlan, make_plan
@@ -59,9 +59,14 @@ def resolve_plan(ds_config: dict, model: PipelineModule) -> SlicePlan:
     if cfg.plan is not None:
         batch_slices, seq_slices = _planned_slices(cfg, ds, model)
     try:
-        return make_plan(batch_slices, seq_slices, ds.train_micro_batch_size_per_gpu, cfg.seq_length)
+        plan = make_plan(batch_slices, seq_slices, ds.train_micro_batch_size_per_gpu, cfg.seq_length)
     except ValueError as e:
         raise ValueError(f"seqpipe: {e}") from None
+    try:  # lowering simulates the schedule: one that cannot run this slicing fails here, on every rank
+        schedules.lower(cfg.schedule, model.num_stages, ds.gradient_accumulation_steps, plan)
+    except schedules.ScheduleError as e:
+        raise ValueError(f"seqpipe: schedule {cfg.schedule!r} cannot run {plan}: {e}") from None
+    return plan
 
 
 def _planned_slices(cfg, ds, model):
@@ -90,7 +95,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     stock = deepspeed.PipelineEngine
     # deepspeed.initialize builds the pipeline engine from this module attribute; swapping it for
     # the duration of the call reuses all of DeepSpeed's set-up (config, dist, optimizer, ZeRO).
-    deepspeed.PipelineEngine = functools.partial(SeqPipeEngine, slice_plan=plan)
+    deepspeed.PipelineEngine = functools.partial(SeqPipeEngine, slice_plan=plan,
+                                                 schedule=seqpipe_config.parse(ds_config).schedule)
     try:
         return deepspeed.initialize(args=args, **kwargs)
     finally:

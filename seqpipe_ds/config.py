@@ -3,11 +3,9 @@ from typing import List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SCHEDULES = ("terapipe",)
-
 
 class SeqPipeConfig(BaseModel):
-    """Example: {"enabled": true, "schedule": "terapipe", "seq_length": 1024, "seq_slices": [384, 256, 256, 128],
+    """Example: {"enabled": true, "schedule": "slice-1f1b", "seq_length": 1024, "seq_slices": [384, 256, 256, 128],
     "batch_slices": 1}. ``plan`` names a planner file (dp_results.json) that sets both slicings."""
     model_config = ConfigDict(extra="forbid")
 
@@ -31,8 +29,11 @@ def parse(ds_config: dict) -> SeqPipeConfig:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ValueError(f'invalid "seqpipe" config section: {problems}') from None
-    if cfg.enabled and cfg.schedule not in SCHEDULES:
-        raise ValueError(f'"seqpipe.schedule": unknown schedule {cfg.schedule!r}; available: {", ".join(SCHEDULES)}')
+    if cfg.enabled:
+        from .schedules import SCHEDULES  # the registry is the one list of names
+        if cfg.schedule not in SCHEDULES:
+            raise ValueError(f'"seqpipe.schedule": unknown schedule {cfg.schedule!r}; available: '
+                             f'{", ".join(SCHEDULES)}')
     if cfg.plan is not None and {"seq_slices", "batch_slices"} & cfg.model_fields_set:
         raise ValueError('"seqpipe": give either "plan" or explicit "seq_slices"/"batch_slices", not both')
     if cfg.enabled and cfg.seq_length is None:
