@@ -20,7 +20,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=["seqpipe_ds", "seqpipe_ds.model", "seqpipe_ds.planner", "seqpipe_ds.cli", "seqpipe_ds.data",
+    packages=["seqpipe_ds", "seqpipe_ds.attention", "seqpipe_ds.model", "seqpipe_ds.planner", "seqpipe_ds.cli", "seqpipe_ds.data",
               "seqpipe_ds.patches"],
     package_dir={"seqpipe_ds.patches": "patches"},
     package_data={"seqpipe_ds.data": ["corpus/*.txt"]},
