@@ -4,8 +4,10 @@ One stage (2 GPT layers, batch 1, seq 2048) runs the sequence as k = 1, 2, 4, 8,
 slices the way the engine does: every slice's forward inside its ``KVCache.slice``, then the
 backwards in reverse, each fed the dK/dV that later slices left on its cached K/V. Per k:
 
-- ``time_ratio``: summed per-slice forward + backward time over the unsliced time (medians of
-  alternating repetitions, so that drift of the machine hits every k alike);
+- ``time_ratio``: summed per-slice forward + backward time over the unsliced time. Repetitions
+  alternate over k, so that drift of the machine hits every k alike, and each k keeps its
+  fastest: on a shared 2-core machine other processes only ever add time (load averages of 9
+  were seen here), so the minimum is the estimate least disturbed by them;
 - ``saved_mib``: bytes saved for backward over all slices of one run (all forwards run before
   the first backward, so the peak is the sum), counted by ``seqpipe_ds.memory.SavedTensorMeter``:
   once per storage, parameters excluded;
@@ -18,9 +20,8 @@ Prints a table and writes {"<hidden>": {"<k>": {"time_ratio": r, "saved_mib": m,
 """
 import argparse
 import json
-import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -28,10 +29,11 @@ HEAD_DIM = 64
 MIB = 2 ** 20
 
 
-def build_stage(hidden: int, seq: int, layers: int = 2, dtype=torch.float32, device="cpu") -> torch.nn.Module:
-    """``layers`` GPT layers (hidden / 64 heads) of one pipeline stage; megatron's groups must be initialised."""
+def build_stage(hidden: int, seq: int, layers: int = 2, heads: Optional[int] = None, dtype=torch.float32,
+                device="cpu") -> torch.nn.Module:
+    """``layers`` GPT layers (default: hidden / 64 heads) of one pipeline stage; needs megatron's groups."""
     from seqpipe_ds.model import GPTConfig, TransformerLayer
-    config = GPTConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=hidden // HEAD_DIM,
+    config = GPTConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads or hidden // HEAD_DIM,
                        vocab_size=128, max_position_embeddings=seq, params_dtype=dtype)
     return torch.nn.Sequential(*[TransformerLayer(config, i) for i in range(layers)]).to(device)
 
@@ -72,15 +74,17 @@ def accumulate_share(fn: Callable[[], None]) -> float:
     return accumulate / wall
 
 
-def measure(hidden: int, seq: int, counts: Sequence[int], repeats: int, sync: Callable[[], None] = lambda: None,
-            dtype=torch.float32, device="cpu", profile: bool = True) -> Dict[str, Dict[str, float]]:
+def measure(hidden: int, seq: int, counts: Sequence[int], repeats: int, layers: int = 2, heads: Optional[int] = None,
+            sync: Callable[[], None] = lambda: None, dtype=torch.float32, device="cpu",
+            profile: bool = True) -> Dict[str, Dict[str, float]]:
     torch.manual_seed(0)
-    stage = build_stage(hidden, seq, dtype=dtype, device=device)
+    stage = build_stage(hidden, seq, layers, heads, dtype, device)
     x = torch.randn(1, seq, hidden, dtype=dtype, device=device)
     grad = torch.randn_like(x)
 
     def run(k):
-        stage.zero_grad(set_to_none=True)  # as at a step's start: the first slice's gradient is stored, later ones added
+        # As at a step's start: the first slice's gradient is stored, later slices' are added.
+        stage.zero_grad(set_to_none=True)
         run_sliced(stage, x, grad, uniform(seq, k))
 
     times = {k: [] for k in counts}
@@ -92,10 +96,10 @@ def measure(hidden: int, seq: int, counts: Sequence[int], repeats: int, sync: Ca
             sync()
             if rep:
                 times[k].append(time.perf_counter() - start)
-    base = statistics.median(times[counts[0]])
+    base = min(times[counts[0]])
     results = {}
     for k in counts:
-        entry = {"time_ratio": statistics.median(times[k]) / base, "seconds": statistics.median(times[k]),
+        entry = {"time_ratio": min(times[k]) / base, "seconds": min(times[k]),
                  "saved_mib": saved_bytes(stage, lambda: run(k)) / MIB}
         if profile:
             entry["accumulate_share"] = accumulate_share(lambda: run(k))
@@ -105,12 +109,13 @@ def measure(hidden: int, seq: int, counts: Sequence[int], repeats: int, sync: Ca
 
 def table(results: Dict[str, Dict[str, Dict[str, float]]], seq: int) -> str:
     lines = [f"one stage: 2 GPT layers, batch 1, seq {seq}, {torch.get_num_threads()} thread(s); time_ratio = "
-             "summed slice forward+backward / unsliced",
+             "summed slice forward+backward / unsliced (fastest of the repetitions)",
              f"{'hidden':>6} {'k':>3} {'seconds':>8} {'time_ratio':>10} {'saved_mib':>10} {'accumulate':>10}"]
     for hidden, per_k in results.items():
         for k, r in per_k.items():
             share = f"{100 * r['accumulate_share']:9.1f}%" if "accumulate_share" in r else f"{'-':>10}"
-            lines.append(f"{hidden:>6} {k:>3} {r['seconds']:8.3f} {r['time_ratio']:10.3f} {r['saved_mib']:10.1f} {share}")
+            lines.append(f"{hidden:>6} {k:>3} {r['seconds']:8.3f} {r['time_ratio']:10.3f} {r['saved_mib']:10.1f} "
+                         f"{share}")
     return "\n".join(lines)
 
 

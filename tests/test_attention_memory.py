@@ -23,7 +23,8 @@ def saved_per_slice_count():
     stage = bench.build_stage(hidden, seq)
     x = torch.randn(2, seq, hidden)
     grad = torch.randn_like(x)
-    return {k: bench.saved_bytes(stage, lambda: bench.run_sliced(stage, x, grad, bench.uniform(seq, k))) for k in SLICES}
+    return {k: bench.saved_bytes(stage, lambda: bench.run_sliced(stage, x, grad, bench.uniform(seq, k)))
+            for k in SLICES}
 
 
 @pytest.mark.timeout(120)
