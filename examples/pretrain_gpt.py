@@ -21,7 +21,7 @@ from tqdm import tqdm
 import seqpipe_ds
 from seqpipe_ds import megatron_args, parallel
 from seqpipe_ds.data import build_datasets, build_tokenizer, embedded_corpus_prefix, padded_vocab_size, pipeline_batches
-from seqpipe_ds.model import GPTConfig, gpt_pipeline
+from seqpipe_ds.model import gpt_pipeline
 
 
 def flops_per_iteration(args, vocab_size):
@@ -83,10 +83,7 @@ def main():
     train_set, valid_set, _ = build_datasets(args.data_path or embedded_corpus_prefix(tokenizer), tokenizer,
                                              args.seq_length, args.split, megatron_args.num_samples(args), args.seed)
 
-    config = GPTConfig(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                       num_attention_heads=args.num_attention_heads, vocab_size=vocab_size,
-                       max_position_embeddings=args.max_position_embeddings)
-    model = gpt_pipeline(config, topology, seed=args.seed)
+    model = gpt_pipeline(megatron_args.gpt_config(args, vocab_size), topology, seed=args.seed)
     ds_config = megatron_args.deepspeed_config(args)
     args.deepspeed_config = None  # the merged config goes in as config=; DeepSpeed refuses both
     engine, _, _, _ = seqpipe_ds.initialize(
@@ -95,6 +92,9 @@ def main():
     if torch.distributed.get_rank() == 0:
         # Which engine the "seqpipe" config section selected: stock PipelineEngine or SeqPipeEngine.
         print(f"engine: {type(engine).__name__}", flush=True)
+        notice = megatron_args.flash_attention_notice(args, engine.device.type)
+        if notice:
+            print(notice, flush=True)
     if args.load:
         engine.load_checkpoint(args.load)
     iteration = engine.global_steps

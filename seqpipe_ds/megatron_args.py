@@ -14,12 +14,15 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from seqpipe_ds.data.indexed import require_indexed_dataset
 from seqpipe_ds.data.tokenizer import BYTE_LEVEL, GPT2_BPE, TOKENIZER_TYPES, build_tokenizer
+from seqpipe_ds.model import GPTConfig
+from seqpipe_ds.model.config import NORMALIZATIONS, POSITION_EMBEDDING_TYPES
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
 _POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings",
              "micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
-             "pipeline_model_parallel_size", "train_iters", "log_interval", "eval_interval", "save_interval")
+             "pipeline_model_parallel_size", "train_iters", "log_interval", "eval_interval", "save_interval",
+             "ffn_hidden_size", "num_query_groups", "rotary_base", "norm_epsilon", "init_method_std")
 
 
 def build_parser():
@@ -32,6 +35,24 @@ def build_parser():
     model.add_argument("--seq-length", type=int, required=True)
     model.add_argument("--max-position-embeddings", type=int, default=None,
                        help="defaults to --seq-length")
+    model.add_argument("--ffn-hidden-size", type=int, default=None,
+                       help="defaults to 4 × --hidden-size, with --swiglu to 2/3 of that rounded down to a multiple of 64")
+    model.add_argument("--position-embedding-type", choices=POSITION_EMBEDDING_TYPES, default="learned_absolute")
+    model.add_argument("--rotary-base", type=int, default=10000)
+    model.add_argument("--rotary-percent", type=float, default=1.0)
+    model.add_argument("--swiglu", action="store_true")
+    model.add_argument("--normalization", choices=NORMALIZATIONS, default="LayerNorm")
+    model.add_argument("--norm-epsilon", type=float, default=1e-5)
+    model.add_argument("--group-query-attention", action="store_true")
+    model.add_argument("--num-query-groups", type=int, default=1, help="K/V heads with --group-query-attention")
+    model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    model.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
+    model.add_argument("--attention-dropout", type=float, default=0.1)
+    model.add_argument("--hidden-dropout", type=float, default=0.1)
+    model.add_argument("--init-method-std", type=float, default=0.02)
+    model.add_argument("--use-flash-attn", action="store_true",
+                       help="attention already uses torch's flash kernel where CUDA has one for the dtype; a no-op "
+                            "(with a notice) on CPU")
 
     batch = parser.add_argument_group("batch and parallelism")
     batch.add_argument("--micro-batch-size", type=int, required=True)
@@ -112,6 +133,7 @@ def validate_args(args, world_size):
     if args.hidden_size % args.num_attention_heads:
         raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by "
                          f"--num-attention-heads {args.num_attention_heads}")
+    _validate_model_options(args)
     if args.seq_length > args.max_position_embeddings:
         raise ValueError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
                          f"{args.max_position_embeddings}")
@@ -137,6 +159,61 @@ def validate_args(args, world_size):
                 require_indexed_dataset(prefix)
             except FileNotFoundError as error:
                 raise ValueError(str(error)) from None
+
+
+def _validate_model_options(args):
+    """The Llama-style options: fills --ffn-hidden-size's default as Megatron-LM does
+    (megatron/training/arguments.py: with --swiglu, int(4h · 2/3 / 64) · 64, keeping the
+    parameter count of the 4h GELU MLP) and checks what the tensor-parallel layers must split."""
+    tp = args.tensor_model_parallel_size
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu else 4 * args.hidden_size
+    if args.ffn_hidden_size % tp:
+        raise ValueError(f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by "
+                         f"--tensor-model-parallel-size {tp}")
+    if args.group_query_attention:
+        if args.num_attention_heads % args.num_query_groups:
+            raise ValueError(f"--num-query-groups {args.num_query_groups} does not divide "
+                             f"--num-attention-heads {args.num_attention_heads}")
+        if args.num_query_groups % tp:
+            raise ValueError(f"--num-query-groups {args.num_query_groups} is not divisible by "
+                             f"--tensor-model-parallel-size {tp} (each TP rank holds whole K/V groups)")
+    for name in ("attention_dropout", "hidden_dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(args, name)}")
+    if not 0 < args.rotary_percent <= 1:
+        raise ValueError(f"--rotary-percent must lie in (0, 1], got {args.rotary_percent}")
+
+
+def gpt_config(args, vocab_size):
+    """The GPTConfig the arguments describe (vocab_size: the tokenizer's, padded for TP)."""
+    return GPTConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        vocab_size=vocab_size, max_position_embeddings=args.max_position_embeddings,
+        ffn_hidden_size=args.ffn_hidden_size, hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout, layernorm_epsilon=args.norm_epsilon,
+        init_method_std=args.init_method_std, normalization=args.normalization, swiglu=args.swiglu,
+        add_bias_linear=args.add_bias_linear,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent)
+
+
+def flash_attention_notice(args, device_type):
+    """What --use-flash-attn means on this device, to print once; None when there is nothing to say.
+
+    seqpipe's attention (seqpipe_ds.attention.kernels) always calls torch's SDPA kernels, and on
+    CUDA picks FlashAttention-2 for fp16/bf16 by itself; fp32 has no flash kernel there (the
+    memory-efficient one runs), and CPU has torch's own flash-style CPU kernel."""
+    if not args.use_flash_attn:
+        return None
+    if device_type != "cuda":
+        return (f"--use-flash-attn: no FlashAttention on {device_type}; a no-op, torch's {device_type} "
+                "attention kernel runs")
+    if not args.bf16:
+        return "--use-flash-attn: FlashAttention needs fp16/bf16; in fp32 the memory-efficient SDPA kernel runs"
+    return None
 
 
 def parse_args(argv=None, world_size=None):
@@ -194,7 +271,11 @@ def deepspeed_config(args):
     if "scheduler" in base:
         raise ValueError(f"{args.deepspeed_config} has a scheduler: the schedule comes from --lr, --min-lr, "
                          "--lr-decay-style and --lr-warmup-iters; remove it from the JSON")
+    decided = {}
+    if "seqpipe" in base:  # the sequence length is --seq-length's to say, as the batch sizes are
+        decided["seqpipe"] = {"seq_length": args.seq_length}
     return _merge(base, {
+        **decided,
         "train_batch_size": args.global_batch_size,
         "train_micro_batch_size_per_gpu": args.micro_batch_size,
         "gradient_clipping": args.clip_grad,

@@ -39,8 +39,8 @@ def test_defaults_and_derived_values():
 
 @pytest.mark.timeout(30)
 def test_unknown_arguments_are_rejected_by_name(capsys):
-    err = parse_error(capsys, "--lr-decay-iters", "5", "--use-flash-attn", "--rampup-batch-size=1")
-    assert "unsupported arguments: --lr-decay-iters, --use-flash-attn, --rampup-batch-size" in err
+    err = parse_error(capsys, "--lr-decay-iters", "5", "--apply-query-key-layer-scaling", "--rampup-batch-size=1")
+    assert "unsupported arguments: --lr-decay-iters, --apply-query-key-layer-scaling, --rampup-batch-size" in err
     # No abbreviations: a prefix of a supported name is unknown, not that name.
     assert "--save-int" in parse_error(capsys, "--save-int", "5")
 
@@ -59,12 +59,70 @@ def test_unknown_arguments_are_rejected_by_name(capsys):
     (["--micro-batch-size", "0"], 1, "--micro-batch-size must be positive"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--tokenizer-type", "GPT2BPETokenizer"], 1, "needs --data-path"),
+    (["--position-embedding-type", "rope", "--max-position-embeddings", "16"], 1,
+     "--seq-length 32 exceeds --max-position-embeddings 16"),
+    (["--group-query-attention", "--num-query-groups", "3"], 1, "--num-query-groups 3 does not divide "
+                                                                "--num-attention-heads 4"),
+    (["--group-query-attention", "--tensor-model-parallel-size", "2"], 2,
+     "--num-query-groups 1 is not divisible by --tensor-model-parallel-size 2"),
+    (["--ffn-hidden-size", "33", "--tensor-model-parallel-size", "2"], 2,
+     "--ffn-hidden-size 33 is not divisible by --tensor-model-parallel-size 2"),
+    (["--num-query-groups", "0"], 1, "--num-query-groups must be positive"),
+    (["--attention-dropout", "1"], 1, "--attention-dropout must lie in [0, 1)"),
+    (["--rotary-percent", "1.5"], 1, "--rotary-percent must lie in (0, 1]"),
+    (["--normalization", "LayerNorm1P"], 1, "invalid choice: 'LayerNorm1P'"),
 ])
 @pytest.mark.timeout(30)
 def test_invalid_combinations_fail_with_one_message(capsys, extra, world_size, message):
     err = parse_error(capsys, *extra, world_size=world_size)
     assert message in err
     assert err.count("error:") == 1
+
+
+LLAMA_FLAGS = ["--position-embedding-type", "rope", "--rotary-base", "500", "--swiglu", "--normalization", "RMSNorm",
+               "--norm-epsilon", "1e-6", "--group-query-attention", "--num-query-groups", "2",
+               "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--attention-dropout", "0",
+               "--hidden-dropout", "0", "--init-method-std", "0.01", "--use-flash-attn"]
+
+
+@pytest.mark.timeout(30)
+def test_model_options_keep_megatron_defaults():
+    from seqpipe_ds.model import GPTConfig
+    args = parse()
+    assert (args.position_embedding_type, args.rotary_base, args.rotary_percent, args.normalization,
+            args.norm_epsilon) == ("learned_absolute", 10000, 1.0, "LayerNorm", 1e-5)
+    assert (args.swiglu, args.group_query_attention, args.num_query_groups, args.add_bias_linear,
+            args.untie_embeddings_and_output_weights, args.use_flash_attn) == (False, False, 1, True, False, False)
+    assert (args.attention_dropout, args.hidden_dropout, args.init_method_std) == (0.1, 0.1, 0.02)
+    assert args.ffn_hidden_size == 4 * 64
+    # Without --group-query-attention, --num-query-groups is ignored, as in Megatron-LM.
+    assert megatron_args.gpt_config(args, 256) == GPTConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, max_position_embeddings=32,
+        ffn_hidden_size=256, hidden_dropout=0.1, attention_dropout=0.1)
+
+
+@pytest.mark.timeout(30)
+def test_llama_style_arguments_make_the_llama_style_model():
+    from seqpipe_ds.model import GPTConfig
+    config = megatron_args.gpt_config(parse(*LLAMA_FLAGS), 256)
+    assert config == GPTConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, max_position_embeddings=32,
+        ffn_hidden_size=128, hidden_dropout=0.0, attention_dropout=0.0, layernorm_epsilon=1e-6, init_method_std=0.01,
+        normalization="RMSNorm", swiglu=True, add_bias_linear=False, untie_embeddings_and_output_weights=True,
+        num_query_groups=2, position_embedding_type="rope", rotary_base=500)
+    # Megatron-LM's SwiGLU width: int(4h * 2/3 / 64) * 64 = 128 for h = 64; an explicit size wins.
+    assert parse("--swiglu", "--ffn-hidden-size", "96").ffn_hidden_size == 96
+    assert parse("--swiglu", "--hidden-size", "4096", "--num-attention-heads", "32").ffn_hidden_size == 10880
+
+
+@pytest.mark.timeout(30)
+def test_use_flash_attn_notice():
+    args = parse("--use-flash-attn")
+    assert megatron_args.flash_attention_notice(args, "cpu") == ("--use-flash-attn: no FlashAttention on cpu; a no-op, "
+                                                                 "torch's cpu attention kernel runs")
+    assert "memory-efficient SDPA kernel runs" in megatron_args.flash_attention_notice(args, "cuda")
+    assert megatron_args.flash_attention_notice(parse("--use-flash-attn", "--bf16"), "cuda") is None
+    assert megatron_args.flash_attention_notice(parse(), "cpu") is None
 
 
 @pytest.mark.timeout(30)

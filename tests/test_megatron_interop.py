@@ -11,38 +11,9 @@ import torch
 
 import launcher
 from common import assert_close, make_batch, tiny_config
+from megatron_reference import megatron_gpt, megatron_loss
 
 BATCH, SEQ = 2, 24
-
-
-def _megatron_gpt(config, tp, seed):
-    """megatron-core's GPTModel set up like ours; the rest are the TransformerConfig defaults."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-    torch.manual_seed(seed)  # CPU initialisation draws from the default generator
-    transformer = TransformerConfig(
-        num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_size,
-        num_attention_heads=config.num_attention_heads, hidden_dropout=config.hidden_dropout,
-        attention_dropout=config.attention_dropout, layernorm_epsilon=config.layernorm_epsilon,
-        init_method_std=config.init_method_std, params_dtype=config.params_dtype, normalization="LayerNorm",
-        add_bias_linear=True, use_cpu_initialization=True, gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=tp)
-    return GPTModel(transformer, get_gpt_layer_local_spec(), vocab_size=config.vocab_size,
-                    max_sequence_length=config.max_position_embeddings,
-                    position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
-
-
-def _megatron_loss(model, batch):
-    """Masked token mean of GPTModel's per-token loss, as our GPTLoss computes it."""
-    (tokens, positions), (labels, loss_mask) = batch
-    s = tokens.shape[1]
-    # True = masked. Passed explicitly: with attention_mask=None megatron-core's local attention
-    # builds the causal mask with device="cuda" (transformer/utils.get_default_causal_mask), which
-    # no CPU shim covers.
-    causal = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
-    per_token = model(tokens, positions, causal, labels=labels)
-    return (per_token * loss_mask).sum() / loss_mask.sum()
 
 
 def _compare(tp):
@@ -53,7 +24,7 @@ def _compare(tp):
     from seqpipe_ds.model.interop import from_megatron, load_stage, to_megatron
     config = tiny_config()
     ours = gpt_pipeline(config, parallel.initialize(tensor_parallel_size=tp), seed=7)
-    megatron = _megatron_gpt(config, tp, seed=11)
+    megatron = megatron_gpt(config, tp, seed=11)
     ours_init = {n: p.detach().clone() for n, p in ours.named_parameters()}
     megatron_init = {k: v if v is None else v.clone() for k, v in megatron.state_dict().items()}
 
@@ -61,11 +32,11 @@ def _compare(tp):
     batch = make_batch(BATCH, SEQ, config.vocab_size, seed=3)
     loss = ours.loss_fn(ours(batch[0]), batch[1])
     loss.backward()
-    megatron_loss = _megatron_loss(megatron, batch)
-    megatron_loss.backward()
+    reference_loss = megatron_loss(megatron, batch)
+    reference_loss.backward()
 
     megatron.load_state_dict(to_megatron(ours_init, config), strict=True)
-    return dict(loss=loss.detach(), megatron_loss=megatron_loss.detach(),
+    return dict(loss=loss.detach(), megatron_loss=reference_loss.detach(),
                 grads={n: p.grad for n, p in ours.named_parameters()},
                 megatron_grads=from_megatron({n: p.grad for n, p in megatron.named_parameters()}, config),
                 ours_init=ours_init, round_trip=from_megatron(megatron.state_dict(), config),
@@ -76,7 +47,7 @@ def _too_long(module):
     from seqpipe_ds.model import EmbeddingPipe
     config = module.gpt_config
     inputs, _ = make_batch(1, config.max_position_embeddings + 1, config.vocab_size)
-    with pytest.raises(ValueError, match="sequence of 65 tokens is longer than the 64 position embeddings"):
+    with pytest.raises(ValueError, match="sequence of 65 tokens is longer than max_position_embeddings 64"):
         EmbeddingPipe(config)(inputs)
 
 
@@ -105,10 +76,10 @@ def _kv_heads_mismatch(module):
     from seqpipe_ds.attention import KVCache
     cache = KVCache()
     with cache.slice(0):
-        cache.extend(0, *[torch.zeros(BATCH, 4, 5, 8)] * 2)
+        cache.record(0, *[torch.zeros(BATCH, 4, 5, 8)] * 2)
     with pytest.raises(ValueError, match=r"K/V of shape \(2, 2, 3, 8\), which does not fit the cached \(2, 4, 5, 8\)"):
         with cache.slice(1):
-            cache.extend(0, *[torch.zeros(BATCH, 2, 3, 8)] * 2)
+            cache.record(0, *[torch.zeros(BATCH, 2, 3, 8)] * 2)
 
 
 SINGLE_PROCESS_CHECKS = {f.__name__.lstrip("_"): f for f in (_too_long, _beyond_kv_capacity, _kv_batch_mismatch,

@@ -4,18 +4,26 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import ProcessTopology
 
 from .config import GPTConfig
-from .layers import EmbeddingPipe, FinalLayerNorm, GPTLoss, TransformerLayer, lm_head
+from .layers import FINAL_NORMS, EmbeddingPipe, GPTLoss, OutputLayer, TransformerLayer, lm_head
 
 EMBEDDING_KEY = "embed"
 
 
 def gpt_layer_specs(config: GPTConfig):
+    """Embedding, transformer layers, final norm, output layer. The output layer is the word
+    embedding again (a tied layer, on both the first and the last stage) unless it is untied."""
+    config.check_options()
+    if config.untie_embeddings_and_output_weights:
+        embedding, output = LayerSpec(EmbeddingPipe, config), LayerSpec(OutputLayer, config)
+    else:
+        embedding = TiedLayerSpec(EMBEDDING_KEY, EmbeddingPipe, config, tied_weight_attr="word_embeddings.weight")
+        output = TiedLayerSpec(EMBEDDING_KEY, EmbeddingPipe, config, forward_fn=lm_head,
+                               tied_weight_attr="word_embeddings.weight")
     return [
-        TiedLayerSpec(EMBEDDING_KEY, EmbeddingPipe, config, tied_weight_attr="word_embeddings.weight"),
+        embedding,
         *[LayerSpec(TransformerLayer, config, i) for i in range(config.num_layers)],
-        LayerSpec(FinalLayerNorm, config),
-        TiedLayerSpec(EMBEDDING_KEY, EmbeddingPipe, config, forward_fn=lm_head,
-                      tied_weight_attr="word_embeddings.weight"),
+        LayerSpec(FINAL_NORMS[config.normalization], config),
+        output,
     ]
 
 

@@ -1,8 +1,11 @@
-"""Weights to and from megatron-core's GPTModel built with the local layer spec, learned absolute
-position embeddings and the output layer tied to the word embedding.
+"""Weights to and from megatron-core's GPTModel built with the local layer spec and the same options:
+``GPTModel(config.transformer_config(tp), get_gpt_layer_local_spec(normalization=config.normalization),
+position_embedding_type=..., rotary_base=..., rotary_percent=...,
+share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights)``.
 
-Our layers carry megatron's submodule names and tensor layouts (QKV rows interleaved per head,
-[q, k, v] of head 0 first, as megatron's SelfAttention splits them), and both models shard them
+Our layers carry megatron's submodule names and tensor layouts (QKV rows grouped per K/V head,
+[q of the group's heads, k, v] of group 0 first, as megatron's SelfAttention splits them; SwiGLU's
+fc1 as [gate; up] per TP rank), and both models shard them
 with the same megatron-core tensor-parallel layers: the state dict of TP rank r maps name for
 name onto our TP rank r, only the prefixes differ. Both directions take and return the dict of a
 whole model (megatron at pipeline size 1); ``load_stage`` picks a pipeline stage's share.
@@ -15,20 +18,27 @@ from deepspeed.pipe import PipelineModule
 from .config import GPTConfig
 from .gpt import EMBEDDING_KEY
 
-_LAYER_MODULES = ("input_layernorm", "self_attention.linear_qkv", "self_attention.linear_proj", "pre_mlp_layernorm",
-                  "mlp.linear_fc1", "mlp.linear_fc2")
+_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+_NORMS = ("input_layernorm", "pre_mlp_layernorm")
 _EXTRA_STATE = "_extra_state"
 
 
 def key_map(config: GPTConfig) -> Dict[str, str]:
     """Megatron name -> our PipelineModule name, for every parameter of the model."""
-    names = {f"embedding.{e}.weight": f"tied_modules.{EMBEDDING_KEY}.{e}.weight"
-             for e in ("word_embeddings", "position_embeddings")}
+    # RMSNorm has no bias; the linear layers have none with add_bias_linear=False. Rotary embeddings
+    # have no parameters (megatron-core's inv_freq is not in its state dict).
+    norm = ("weight",) if config.normalization == "RMSNorm" else ("weight", "bias")
+    linear = ("weight", "bias") if config.add_bias_linear else ("weight",)
+    embedding = "0" if config.untie_embeddings_and_output_weights else f"tied_modules.{EMBEDDING_KEY}"
+    positions = ("position_embeddings",) if config.position_embedding_type == "learned_absolute" else ()
+    names = {f"embedding.{e}.weight": f"{embedding}.{e}.weight" for e in ("word_embeddings", *positions)}
     for i in range(config.num_layers):
         # Pipeline layer 0 is the embedding, so transformer layer i is pipeline layer i + 1.
         names.update({f"decoder.layers.{i}.{m}.{p}": f"{i + 1}.{m}.{p}"
-                      for m in _LAYER_MODULES for p in ("weight", "bias")})
-    names.update({f"decoder.final_layernorm.{p}": f"{config.num_layers + 1}.{p}" for p in ("weight", "bias")})
+                      for modules, params in ((_NORMS, norm), (_LINEARS, linear)) for m in modules for p in params})
+    names.update({f"decoder.final_layernorm.{p}": f"{config.num_layers + 1}.{p}" for p in norm})
+    if config.untie_embeddings_and_output_weights:
+        names["output_layer.weight"] = f"{config.num_layers + 2}.output_layer.weight"
     return names
 
 

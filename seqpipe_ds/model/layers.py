@@ -4,6 +4,8 @@ slice of dim 1. Parameter names follow megatron-core's GPTModel, so weights map 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.utils import init_method_normal, scaled_init_method_normal
 from torch import nn
 
@@ -14,7 +16,8 @@ from .config import GPTConfig
 
 @sliceable
 class EmbeddingPipe(nn.Module):
-    """Word + learned absolute position embeddings. Input: (tokens, position_ids), both [b, s]."""
+    """Word embeddings, plus learned absolute position embeddings unless the positions are rotary
+    (RoPE rotates Q/K inside attention instead). Input: (tokens, position_ids), both [b, s]."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -22,17 +25,22 @@ class EmbeddingPipe(nn.Module):
         init = init_method_normal(config.init_method_std)
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, init_method=init, config=config.parallel_config())
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
-                                                dtype=config.params_dtype)
-        init(self.position_embeddings.weight)
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                    dtype=config.params_dtype)
+            init(self.position_embeddings.weight)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, inputs):
         tokens, position_ids = inputs
         if position_ids.shape[-1] > self.max_positions:
-            raise ValueError(f"sequence of {position_ids.shape[-1]} tokens is longer than the "
-                             f"{self.max_positions} position embeddings (max_position_embeddings)")
-        return self.dropout(self.word_embeddings(tokens) + self.position_embeddings(position_ids))
+            raise ValueError(f"sequence of {position_ids.shape[-1]} tokens is longer than "
+                             f"max_position_embeddings {self.max_positions}")
+        hidden = self.word_embeddings(tokens)  # (B, T, h)
+        if self.position_embeddings is not None:
+            hidden = hidden + self.position_embeddings(position_ids)
+        return self.dropout(hidden)
 
 
 @sliceable
@@ -40,6 +48,29 @@ def lm_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
     """Output layer tied to the word embedding; returns this TP rank's share of the vocabulary."""
     hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
     return F.linear(hidden, embedding.word_embeddings.weight)
+
+
+@sliceable
+class OutputLayer(nn.Module):
+    """Untied output layer (``--untie-embeddings-and-output-weights``): megatron-core GPTModel's
+    bias-free column-parallel ``output_layer``; returns this TP rank's share of the vocabulary."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size, config.vocab_size, config=config.parallel_config(),
+            init_method=init_method_normal(config.init_method_std), bias=False, gather_output=False)
+
+    def forward(self, hidden):
+        logits, _ = self.output_layer(hidden)  # (B, T, vocab / TP)
+        return logits
+
+
+def norm(config: GPTConfig) -> nn.Module:
+    """The normalisation megatron-core's local spec builds: torch's LayerNorm or RMSNorm
+    (megatron.core.transformer.torch_norm.WrappedTorchNorm)."""
+    cls = nn.RMSNorm if config.normalization == "RMSNorm" else nn.LayerNorm
+    return cls(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
 
 
 class SelfAttention(nn.Module):
@@ -53,57 +84,93 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         pc = config.parallel_config()
-        self.heads = config.num_attention_heads // parallel_state.get_tensor_model_parallel_world_size()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads, self.groups = config.num_attention_heads // tp, config.query_groups // tp
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
-        # QKV rows interleaved per head ([q, k, v] of head 0, then head 1, ...) as in megatron-core,
-        # so a column-parallel shard holds whole heads.
+        # QKV rows grouped per K/V head as in megatron-core (attention.py, get_query_key_value_tensors):
+        # [q of the group's query heads, k, v] for group 0, then group 1, ...; with one query head per
+        # group that is [q, k, v] per head. A column-parallel shard holds whole groups.
         self.linear_qkv = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size, 3 * config.hidden_size, config=pc, init_method=init_method_normal(
-                config.init_method_std), bias=True, gather_output=False)
+            config.hidden_size, (config.num_attention_heads + 2 * config.query_groups) * self.head_dim, config=pc,
+            init_method=init_method_normal(config.init_method_std), bias=config.add_bias_linear, gather_output=False)
+        self.rotary, self.rotary_config = None, None
+        if config.position_embedding_type == "rope":
+            self.rotary = RotaryEmbedding(self.head_dim, config.rotary_percent, rotary_base=config.rotary_base,
+                                          use_cpu_initialization=True)
+            self.rotary_config = config.transformer_config(tp)
         self.linear_proj = tensor_parallel.RowParallelLinear(
-            config.hidden_size, config.hidden_size, config=pc, bias=True, input_is_parallel=True,
+            config.hidden_size, config.hidden_size, config=pc, bias=config.add_bias_linear, input_is_parallel=True,
             skip_bias_add=False,
             init_method=scaled_init_method_normal(config.init_method_std, config.num_layers))
 
     def forward(self, x):
         b, s, _ = x.shape
-        qkv, _ = self.linear_qkv(x)
-        q, k, v = qkv.view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2).split(self.head_dim, dim=-1)
-        out = attention.attend(q, k, v, attention.current(), self.layer_number,
+        q, k, v = self._project(x)
+        cache = attention.current()
+        if self.rotary is not None:
+            q, k = self._rotate(q, k, cache.offset if cache is not None else 0)
+        out = attention.attend(q, k, v, cache, self.layer_number,
                                self.dropout if self.training else 0.0)  # (B, nh, s, hd)
         out, _ = self.linear_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
         return out
 
+    def _project(self, x):
+        """(B, nh, s, hd) queries and (B, ng, s, hd) keys and values of this TP rank's heads."""
+        b, s, _ = x.shape
+        qkv, _ = self.linear_qkv(x)
+        per_group = self.heads // self.groups
+        qkv = qkv.view(b, s, self.groups, (per_group + 2) * self.head_dim)
+        q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        return q.reshape(b, s, self.heads, self.head_dim).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _rotate(self, q, k, offset: int):
+        """RoPE at the absolute positions [offset, offset + s) of the slice's tokens, with
+        megatron-core's frequencies and rotation. K is rotated before the cache keeps it, so a
+        cached key carries its own position, as in the unsliced sequence."""
+        freqs = self.rotary(q.shape[2], offset=offset)[:, 0, 0]  # (s, rot_dim): megatron's (s, 1, 1, rot_dim)
+        return (apply_rotary_pos_emb(q, freqs, self.rotary_config),   # (B, nh, s, hd)
+                apply_rotary_pos_emb(k, freqs, self.rotary_config))   # (B, ng, s, hd)
+
 
 class MLP(nn.Module):
+    """GELU MLP, or SwiGLU (silu(gate) * up) with megatron-core's gated layout of linear_fc1."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         pc = config.parallel_config()
+        self.swiglu = config.swiglu
+        # SwiGLU doubles fc1's rows; every TP rank holds [gate; up] of its share of the FFN. With
+        # stride 2 the CPU initialisation cuts the full [gate; up] weight that way, so the model is
+        # the same for any TP size, as megatron-core's MLP does (transformer/mlp.py, fc1_stride).
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size, config.ffn_size, config=pc, init_method=init_method_normal(config.init_method_std),
-            bias=True, gather_output=False)
+            config.hidden_size, 2 * config.ffn_size if self.swiglu else config.ffn_size, config=pc,
+            init_method=init_method_normal(config.init_method_std), bias=config.add_bias_linear,
+            gather_output=False, stride=2 if self.swiglu else 1)
         self.linear_fc2 = tensor_parallel.RowParallelLinear(
-            config.ffn_size, config.hidden_size, config=pc, bias=True, input_is_parallel=True, skip_bias_add=False,
-            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers))
+            config.ffn_size, config.hidden_size, config=pc, bias=config.add_bias_linear, input_is_parallel=True,
+            skip_bias_add=False, init_method=scaled_init_method_normal(config.init_method_std, config.num_layers))
 
     def forward(self, x):
-        h, _ = self.linear_fc1(x)
-        out, _ = self.linear_fc2(F.gelu(h))
+        h, _ = self.linear_fc1(x)  # (B, T, [2 *] ffn / TP)
+        if self.swiglu:
+            gate, up = torch.chunk(h, 2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        out, _ = self.linear_fc2(h)
         return out
 
 
 @sliceable
 class TransformerLayer(nn.Module):
-    """Pre-LayerNorm block: x + attn(LN(x)), then x + mlp(LN(x)). Works on any sequence slice."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Works on any sequence slice."""
 
     def __init__(self, config: GPTConfig, layer_number: int):
         super().__init__()
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
-                                            dtype=config.params_dtype)
+        self.input_layernorm = norm(config)
         self.self_attention = SelfAttention(config, layer_number)
-        self.pre_mlp_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
-                                              dtype=config.params_dtype)
+        self.pre_mlp_layernorm = norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -112,10 +179,20 @@ class TransformerLayer(nn.Module):
         return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
 
 
+# Two classes rather than one wrapper module keep the final norm's parameter names ("<n>.weight").
 @sliceable
 class FinalLayerNorm(nn.LayerNorm):
     def __init__(self, config: GPTConfig):
         super().__init__(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+
+
+@sliceable
+class FinalRMSNorm(nn.RMSNorm):
+    def __init__(self, config: GPTConfig):
+        super().__init__(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+
+
+FINAL_NORMS = {"LayerNorm": FinalLayerNorm, "RMSNorm": FinalRMSNorm}
 
 
 class GPTLoss:

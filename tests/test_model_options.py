@@ -1,0 +1,165 @@
+"""Today's Megatron GPT options (SwiGLU, RMSNorm, untied output, no biases, ffn_hidden_size,
+grouped-query attention, RoPE), each alone and all together (Llama-style):
+
+- our model run slice by slice (uneven sequence slices, uneven batch slices) equals the unsliced run;
+- the unsliced run equals megatron-core's GPTModel (local spec, same options) with the same weights,
+  moved through seqpipe_ds.model.interop, at TP 1 and TP 2 (per rank);
+for the loss and every parameter gradient, fp32 relative error <= 1e-5. Plus the bad-input errors.
+
+One launch per TP size runs every configuration.
+"""
+import pytest
+import torch
+
+import launcher
+from common import assert_close, make_batch, tiny_config
+from megatron_reference import megatron_gpt, megatron_loss
+
+LLAMA = dict(swiglu=True, normalization="RMSNorm", untie_embeddings_and_output_weights=True, add_bias_linear=False,
+             ffn_hidden_size=40, num_query_groups=2, position_embedding_type="rope", rotary_base=500)
+OPTIONS = {
+    "swiglu": dict(swiglu=True),
+    "rmsnorm": dict(normalization="RMSNorm"),
+    "untied": dict(untie_embeddings_and_output_weights=True),
+    "no_bias": dict(add_bias_linear=False),
+    "ffn_hidden_size": dict(ffn_hidden_size=40),
+    "gqa": dict(num_query_groups=2),
+    "rope": dict(position_embedding_type="rope", rotary_base=500),
+    "llama": LLAMA,
+}
+BATCH, SEQ = 3, 24
+# Batch slices of 1 and 2 sequences, each cut into its own uneven sequence slices.
+BATCH_SLICES = [(slice(0, 1), [11, 2, 7, 4]), (slice(1, 3), [9, 1, 14])]
+
+
+def _split(batch, rows, lengths):
+    """The batch slice ``rows`` of every [b, s] tensor, cut into sequence slices."""
+    part = [[t[rows] for t in group] for group in batch]
+    return [tuple(tuple(t.split(lengths, dim=1)[j] for t in group) for group in part) for j in range(len(lengths))]
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def _run_sliced(module, batch):
+    """Forward of every slice in order, backward in reverse, per batch slice, as the engine runs them."""
+    from seqpipe_ds.attention import KVCache
+    normalizer = module.loss_fn.normalizer(batch[1])
+    total = 0.0
+    for rows, lengths in BATCH_SLICES:
+        cache = KVCache(capacity=module.gpt_config.max_position_embeddings)
+        losses = []
+        for j, (inputs, labels) in enumerate(_split(batch, rows, lengths)):
+            with cache.slice(j):
+                losses.append(module.loss_fn(module(inputs), labels, normalizer=normalizer))
+        for j in reversed(range(len(lengths))):
+            torch.autograd.backward(*cache.backward_args(j, [losses[j]], [None]))
+            cache.release(j)
+        total += sum(loss.detach() for loss in losses)
+    return total
+
+
+def _compare(name, tp):
+    """Our model loaded with megatron's weights: whole vs megatron, then sliced; our weights back
+    into megatron (strict load) for the other direction of the conversion."""
+    from seqpipe_ds import parallel
+    from seqpipe_ds.model import gpt_pipeline
+    from seqpipe_ds.model.interop import from_megatron, load_stage, to_megatron
+    config = tiny_config(**OPTIONS[name])
+    ours = gpt_pipeline(config, parallel.initialize(tensor_parallel_size=tp), seed=7)
+    megatron = megatron_gpt(config, tp, seed=11)
+    load_stage(ours, from_megatron(megatron.state_dict(), config))
+    batch = make_batch(BATCH, SEQ, config.vocab_size, seed=3)
+
+    loss = ours.loss_fn(ours(batch[0]), batch[1])
+    loss.backward()
+    whole = _grads(ours)
+    reference = megatron_loss(megatron, batch)
+    reference.backward()
+    ours.zero_grad(set_to_none=True)
+    sliced_loss = _run_sliced(ours, batch)
+    megatron.load_state_dict(to_megatron(ours.state_dict(), config), strict=True)
+    return dict(loss=loss.detach(), grads=whole, megatron_loss=reference.detach(),
+                megatron_grads=from_megatron({n: p.grad for n, p in megatron.named_parameters()}, config),
+                sliced_loss=sliced_loss, sliced_grads=_grads(ours))
+
+
+def compare_all(tp):
+    return {name: _compare(name, tp) for name in OPTIONS}
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    return launcher.run(compare_all, 1, timeout=150, tp=1)[0]
+
+
+@pytest.fixture(scope="module")
+def tp2():
+    return launcher.run(compare_all, 2, timeout=200, tp=2)
+
+
+def _assert_exact(result, what):
+    from seqpipe_ds.model.interop import key_map
+    assert_close({"loss": result["loss"]}, {"loss": result["megatron_loss"]}, what=f"{what} loss vs megatron")
+    assert_close(result["grads"], result["megatron_grads"], what=f"{what} gradients vs megatron")
+    assert_close({"loss": result["sliced_loss"]}, {"loss": result["loss"]}, what=f"{what} sliced loss")
+    assert_close(result["sliced_grads"], result["grads"], what=f"{what} sliced gradients")
+    assert all(g.norm() > 0 for g in result["grads"].values()), what
+    assert result["grads"].keys() == set(key_map(tiny_config(**OPTIONS[what.split()[0]])).values())
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_option_tp1(tp1, name):
+    _assert_exact(tp1[name], f"{name} TP=1")
+
+
+@pytest.mark.timeout(260)
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_option_tp2(tp2, name):
+    for rank, result in enumerate(tp2):
+        _assert_exact(result[name], f"{name} TP=2 rank {rank}")
+    # The ranks hold different shards of the first layer's fc1 (both halves of SwiGLU's [gate; up]).
+    assert not torch.equal(*[r[name]["grads"]["1.mlp.linear_fc1.weight"] for r in tp2])
+
+
+@pytest.mark.timeout(30)
+def test_option_parameters():
+    """Each option changes the parameters it should (names and shapes); no process group needed."""
+    from seqpipe_ds.model.interop import key_map
+    base, llama = key_map(tiny_config()), key_map(tiny_config(**LLAMA))
+    assert "embedding.position_embeddings.weight" in base and "embedding.position_embeddings.weight" not in llama
+    assert not any(k.endswith(".bias") for k in llama)
+    assert llama["output_layer.weight"] == "6.output_layer.weight"
+    assert llama["embedding.word_embeddings.weight"] == "0.word_embeddings.weight"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("overrides, tp, message", [
+    (dict(num_query_groups=3), 1, "num_query_groups 3 does not divide num_attention_heads 4"),
+    (dict(num_query_groups=1), 2, "num_query_groups 1 is not divisible by the tensor-parallel size 2"),
+    (dict(normalization="LayerNorm1P"), 1, "normalization 'LayerNorm1P' is not one of LayerNorm, RMSNorm"),
+    (dict(position_embedding_type="alibi"), 1, "position_embedding_type 'alibi' is not one of"),
+    (dict(rotary_percent=0.0), 1, r"rotary_percent 0.0 is not in \(0, 1\]"),
+])
+def test_bad_options(overrides, tp, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides).validate(tp)
+
+
+@pytest.mark.timeout(30)
+def test_presets_are_valid_models():
+    from seqpipe_ds.model import presets
+    for name in presets.PRESETS:
+        config = presets.gpt_config(name)
+        config.validate(8)  # every preset splits over TP 8
+        assert config.max_position_embeddings == presets.preset(name)["seq_length"]
+    llama = presets.gpt_config("llama2-70b", num_layers=2)
+    assert (llama.num_layers, llama.query_groups, llama.ffn_size, llama.swiglu, llama.normalization) == (
+        2, 8, 28672, True, "RMSNorm")
+    # TeraPipe's MODEL_CONFIGS: (layers, hidden, seq, heads), GPT-3-style with 4h FFN.
+    assert [presets.preset("gpt3-175b")[k] for k in presets.SHAPE] == [96, 12288, 96, 2048, 51200]
+    assert presets.gpt_config("gpt3-13b-8192").max_position_embeddings == 8192
+    with pytest.raises(ValueError, match="unknown model preset 'gpt4'; known: gpt3-1b, "):
+        presets.preset("gpt4")
