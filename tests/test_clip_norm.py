@@ -16,25 +16,26 @@ import torch
 import engine_cases
 import launcher
 from common import RTOL, assert_close, rel_err
+from seqpipe_ds.schedules import SCHEDULES
 
 CLIP = 0.05  # the tiny GPT's gradient norm is ~1-3 at these steps: every step clips (checked below)
-SLICED = {"seq_slices": 4}
+SLICED = [{"seq_slices": 4, "schedule": name} for name in SCHEDULES]  # seqpipe, under every schedule
 STOCK = {"enabled": False, "stock_clip_norm": True}  # stock pipelining with DeepSpeed's own norm
-SLICED_STOCK = {**SLICED, "stock_clip_norm": True}
+SLICED_STOCK = {**SLICED[0], "stock_clip_norm": True}
 # bf16 activations and gradients round differently on 1 and on 2 ranks, and with slicing. Measured at PP=2:
 # losses 2.4e-5, parameters 1.7e-2 (the suite's stated bf16 bound is 5e-2), reported norm 6.1e-4.
 BF16_RTOL = {"losses": 1e-3, "params": 5e-2, "norm": 5e-3}
 
-FP32_VARIANTS = [None, SLICED, STOCK]  # None: stock DeepSpeed pipelining, with the patch
+FP32_VARIANTS = [None, *SLICED, STOCK]  # None: stock DeepSpeed pipelining, with the patch
 LAYOUTS = {
     "pp2": (2, [(dict(pp=2, mbs=2, gas=2), [*FP32_VARIANTS, SLICED_STOCK]),
-                (dict(pp=2, mbs=2, gas=2, zero=1), [None, SLICED]),
-                (dict(pp=2, mbs=2, gas=2, bf16=True), [None, SLICED])]),
+                (dict(pp=2, mbs=2, gas=2, zero=1), [None, *SLICED]),
+                (dict(pp=2, mbs=2, gas=2, bf16=True), [None, *SLICED])]),
     "world4": (4, [(dict(pp=4, mbs=2, gas=2), FP32_VARIANTS),
                    (dict(pp=2, tp=2, mbs=2), FP32_VARIANTS),
                    (dict(pp=2, dp=2, mbs=2), FP32_VARIANTS),
-                   (dict(pp=2, tp=2, mbs=2, zero=1), [None, SLICED]),
-                   (dict(pp=2, dp=2, mbs=2, zero=1), [None, SLICED])]),
+                   (dict(pp=2, tp=2, mbs=2, zero=1), [None, *SLICED]),
+                   (dict(pp=2, dp=2, mbs=2, zero=1), [None, *SLICED])]),
 }
 
 
@@ -99,9 +100,17 @@ def results():
     return out
 
 
+def _variant_id(variant):
+    return "stock-pipe" if variant is None else ",".join(f"{k}={v}" for k, v in variant.items())
+
+
+def _case_id(case):
+    return "".join(k if v is True else f"{k}{v}" for k, v in case.items() if k in ("pp", "tp", "dp", "zero", "bf16"))
+
+
 def _params(variant_filter):
-    return [pytest.param(name, c, v, id=f"{name}-{c}-{variants[v]}")
-            for name, (_, cases) in LAYOUTS.items() for c, (_, variants) in enumerate(cases)
+    return [pytest.param(name, c, v, id=f"{_case_id(case)}-{_variant_id(variants[v])}")
+            for name, (_, cases) in LAYOUTS.items() for c, (case, variants) in enumerate(cases)
             for v in range(len(variants)) if variant_filter(variants[v])]
 
 
