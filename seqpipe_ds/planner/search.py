@@ -1,0 +1,283 @@
+"""Schedule-exact planning: the slicing, schedule and micro-batch split with the least simulated step.
+
+TeraPipe's DP (``solve``) minimises sum(t) + (stages - 1) * max(t), the exact makespan of its order
+only when every stage takes the same time for a slice and backward is a fixed multiple of forward.
+Here every candidate is scored by the schedule simulator (``seqpipe_ds.schedules``) on the programs
+that will run, with each stage's own costs: the first stage's embedding, the last stage's LM head
+and loss, the measured forward share, the sends and the optimizer step (``StageCosts``); and its
+peak memory per stage comes from the same simulation (``memory_model``). The search:
+
+* for every micro-batch size dividing the batch (gradient accumulation = batch / micro-batch) and
+  every schedule asked for,
+* scores seed slicings: TeraPipe's DP on the bottleneck stage's slice times, the DP's least-sum
+  slicing under several bounds on the slice time (the uniform slicings' longest slice), uniform
+  slicings and Seq1F1B's equal-FLOP slicings (earlier slices longer, as attention over the context
+  makes later tokens dearer), each with the micro-batch as one batch slice or one per sequence;
+* then improves the best few by local moves (one granularity unit from a slice to its neighbour,
+  splitting a slice, merging two), keeping a move while it lowers the makespan, until none does.
+
+It is a heuristic: on small grids it is checked against exhaustive enumeration
+(tests/test_planner_search.py). A candidate fits when every stage's predicted peak is within the
+memory limit; the fastest fitting candidate wins, and when none fits the error names the smallest
+peak found.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..schedules import Costs, ScheduleError, lower, simulate
+from ..schedules.actions import FORWARD
+from ..slicing import SlicePlan, even_split
+from .memory_model import MemoryModel, format_bytes
+from .solve import solve
+
+SCHEDULE_NAMES = ("terapipe", "slice-1f1b")
+_UNIFORM_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+_CLIMB_STARTS = 3  # best candidates per (schedule, micro-batch size) that local moves start from
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """What a slice costs on each stage, in seconds.
+
+    ``compute(stage, b, l, c)``: forward + backward of b sequences, l tokens after c of context
+    (numbers or numpy arrays alike); ``forward_fraction`` of it is the forward. ``send(b, l)``: one
+    activation or gradient message (also element-wise).
+    ``step``: each stage's reduction + optimizer step. ``hidden_size`` weighs attention against the
+    matmuls in the equal-FLOP seeds."""
+    stages: int
+    compute: Callable[[int, int, int, int], float]
+    send: Callable[[int, int], float] = lambda b, l: 0.0
+    forward_fraction: float = 1 / 3
+    step: float = 0.0
+    hidden_size: int = 1024
+
+    @classmethod
+    def from_latency_model(cls, model, stages: int, hidden_size: int) -> "StageCosts":
+        """Each stage's layers, plus the embedding on the first and the head + loss on the last."""
+        return cls(stages=stages,
+                   compute=lambda s, b, l, c: model.stage_compute(b, l, c, s == 0, s == stages - 1),
+                   send=model.send_time, forward_fraction=model.forward_fraction,
+                   step=model.update_time, hidden_size=hidden_size)
+
+    def simulator_costs(self, plan: SlicePlan) -> Costs:
+        context = {(b, s): sum(lengths[:s]) for b, lengths in enumerate(plan.seq_slices) for s in range(len(lengths))}
+        table = {}
+        for stage in range(self.stages):
+            for unit in plan.units():
+                t = float(self.compute(stage, *plan.shape(unit), context[unit]))
+                table[stage, unit] = (t * self.forward_fraction, t * (1 - self.forward_fraction))
+        if not np.isfinite([v for pair in table.values() for v in pair]).all():
+            raise ValueError("the latency model cannot predict every slice of this plan (outside the profiled range)")
+        sends = {unit: float(self.send(*plan.shape(unit))) for unit in plan.units()}
+        return Costs(compute=lambda stage, a: table[stage, a.unit][0 if a.kind == FORWARD else 1],
+                     send=lambda a: sends[a.unit], step=self.step)
+
+    def bottleneck_grid(self, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
+        """``solve``'s grid from the slowest stage's slice time plus a send each way."""
+        units = seq_len // granularity
+        b, lu, cu = np.meshgrid(np.arange(batch_size + 1), np.arange(units + 1), np.arange(units + 1), indexing="ij")
+        allowed = (b >= 1) & (lu >= 1) & (lu + cu <= units)
+        b, l, c = b[allowed], granularity * lu[allowed], granularity * cu[allowed]
+        slowest = np.max([np.broadcast_to(self.compute(s, b, l, c), b.shape) for s in range(self.stages)], axis=0)
+        sends = 2 * np.broadcast_to(self.send(b, l), b.shape) if self.stages > 1 else 0.0
+        grid = np.full(allowed.shape, np.inf)
+        grid[allowed] = slowest + sends
+        return grid
+
+
+@dataclass(frozen=True)
+class Candidate:
+    schedule: str
+    micro_batches: int  # gradient accumulation steps
+    plan: SlicePlan  # the slicing of one micro-batch
+    makespan: float
+    peak_bytes: Optional[List[float]]  # per stage, with a memory model
+    source: str  # which seed or move produced it
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.plan.micro_batch_size
+
+    @property
+    def peak(self) -> float:
+        return max(self.peak_bytes) if self.peak_bytes else 0.0
+
+    def describe(self) -> str:
+        parts = " | ".join(f"{b}x{list(lengths)}" for b, lengths in zip(self.plan.batch_slices, self.plan.seq_slices))
+        return f"{self.schedule}, {self.micro_batches} micro-batch(es) of ({parts})"
+
+
+@dataclass
+class SearchResult:
+    best: Candidate
+    evaluated: int  # candidates simulated
+    smallest_peak: Candidate  # the candidate with the least peak memory, fitting or not
+    fitting: int  # candidates within the memory limit
+    candidates: List[Candidate] = field(default_factory=list)  # every fitting candidate, fastest first
+
+
+def evaluate(costs: StageCosts, schedule: str, micro_batches: int, plan: SlicePlan,
+             memory: Optional[MemoryModel] = None, source: str = "") -> Candidate:
+    """The simulated step of ``schedule`` running ``micro_batches`` micro-batches sliced by ``plan``."""
+    result = simulate(lower(schedule, costs.stages, micro_batches, plan), plan, costs.simulator_costs(plan))
+    peaks = memory.peaks(result.peak_alive_tokens) if memory is not None else None
+    return Candidate(schedule, micro_batches, plan, result.makespan, peaks, source)
+
+
+def equal_flop_lengths(seq_len: int, parts: int, granularity: int, hidden_size: int) -> List[int]:
+    """Seq1F1B's partition (thunlp/Seq1F1B, read only): slices of equal FLOPs. Per layer and token at
+    position p the matmuls cost ~24*h^2 and attention ~4*h*p multiply-adds, so the FLOPs up to
+    position x grow as 6*h*x + x^2/2; cuts are placed where that reaches k/parts of the total,
+    rounded to the granularity."""
+    units = seq_len // granularity
+    if parts > units:
+        raise ValueError(f"{parts} slices of >= {granularity} tokens do not fit in {seq_len}")
+    x = np.arange(units + 1) * granularity
+    work = 6.0 * hidden_size * x + x * x / 2.0
+    cuts = [0]
+    for k in range(1, parts):
+        unit = int(np.abs(work - work[-1] * k / parts).argmin())
+        unit = min(max(unit, cuts[-1] + 1), units - (parts - k))  # every slice keeps >= 1 unit
+        cuts.append(unit)
+    cuts.append(units)
+    return [granularity * (b - a) for a, b in zip(cuts, cuts[1:])]
+
+
+def _plan(batch_slices: Sequence[int], seq_slices: Sequence[Sequence[int]]) -> SlicePlan:
+    return SlicePlan(tuple(batch_slices), tuple(tuple(s) for s in seq_slices))
+
+
+def _seeds(costs: StageCosts, micro_batch: int, seq_len: int, granularity: int,
+           grid: np.ndarray) -> Dict[SlicePlan, str]:
+    """Seed slicings of one micro-batch, each with where it came from."""
+    units = seq_len // granularity
+    seeds: Dict[SlicePlan, str] = {}
+    groupings = [[micro_batch]] + ([[1] * micro_batch] if micro_batch > 1 else [])
+    counts = [k for k in _UNIFORM_COUNTS if k <= units]
+    for k in counts:
+        for kind, lengths in (("uniform", [granularity * u for u in even_split(units, k)]),
+                              ("equal-FLOP", equal_flop_lengths(seq_len, k, granularity, costs.hidden_size))):
+            for batch in groupings:
+                seeds.setdefault(_plan(batch, [lengths] * len(batch)), f"{kind} {k}")
+    dp = solve(grid, micro_batch, seq_len, costs.stages, granularity, costs.step)
+    seeds.setdefault(_plan(dp.batch_slices, dp.input_slices), "TeraPipe DP")
+    # The DP's least-sum slicing under bounds on the slice time: the uniform slicings' longest slices.
+    for k in counts[1:]:
+        bound = max(grid[micro_batch, u, c] for u, c in _units_and_context(even_split(units, k)))
+        try:
+            bounded = solve(np.where(grid <= bound, grid, np.inf), micro_batch, seq_len, 1, granularity)
+        except ValueError:  # no slicing keeps every slice under this bound
+            continue
+        seeds.setdefault(_plan(bounded.batch_slices, bounded.input_slices), f"DP bound {k}")
+    return seeds
+
+
+def _units_and_context(lengths: Sequence[int]) -> List[Tuple[int, int]]:
+    return [(u, int(c)) for u, c in zip(lengths, np.cumsum([0, *lengths[:-1]]))]
+
+
+def neighbours(plan: SlicePlan, granularity: int) -> Iterable[SlicePlan]:
+    """Local moves on one batch slice's sequence slicing: a granularity unit to a neighbour slice,
+    a slice split in two, two neighbour slices merged."""
+    g = granularity
+    for i, lengths in enumerate(plan.seq_slices):
+        options = []
+        for j in range(len(lengths) - 1):
+            for d in (g, -g):
+                a, b = lengths[j] + d, lengths[j + 1] - d
+                if a >= g and b >= g:
+                    options.append(lengths[:j] + (a, b) + lengths[j + 2:])
+            options.append(lengths[:j] + (lengths[j] + lengths[j + 1],) + lengths[j + 2:])
+        for j, length in enumerate(lengths):
+            if length >= 2 * g:
+                half = g * (length // g // 2)
+                options.append(lengths[:j] + (length - half, half) + lengths[j + 1:])
+        for option in options:
+            yield SlicePlan(plan.batch_slices, plan.seq_slices[:i] + (option,) + plan.seq_slices[i + 1:])
+
+
+def search(costs: StageCosts, batch_size: int, seq_len: int, granularity: int,
+           schedules: Sequence[str] = SCHEDULE_NAMES, memory: Optional[MemoryModel] = None,
+           memory_limit: Optional[float] = None, micro_batch_sizes: Optional[Sequence[int]] = None,
+           local_moves: bool = True, progress: Optional[Callable[[str], None]] = None) -> SearchResult:
+    """The candidate with the least simulated makespan whose every stage fits ``memory_limit``.
+
+    ``batch_size``: sequences per step on one pipeline (per data-parallel replica). Raises
+    ValueError for bad input, or when no candidate fits (naming the smallest peak found)."""
+    _check(costs, batch_size, seq_len, granularity, schedules, memory, memory_limit)
+    sizes = list(micro_batch_sizes or [m for m in range(1, batch_size + 1) if batch_size % m == 0])
+    if any(m < 1 or batch_size % m for m in sizes):
+        raise ValueError(f"micro-batch sizes {sizes} must divide the batch of {batch_size}")
+
+    def fits(c: Candidate) -> bool:
+        return memory_limit is None or c.peak <= memory_limit
+
+    def rank(c: Candidate):  # fitting first, then faster; among non-fitting, smaller peak
+        return (0, c.makespan) if fits(c) else (1, c.peak)
+
+    seen: Dict[Tuple, Candidate] = {}
+
+    def score(schedule, micro_batches, plan, source):
+        key = (schedule, micro_batches, plan)
+        if key not in seen:
+            try:
+                seen[key] = evaluate(costs, schedule, micro_batches, plan, memory, source)
+            except ScheduleError:
+                return None  # a schedule that cannot run this slicing is no candidate
+        return seen[key]
+
+    for micro_batch in sizes:
+        grid = costs.bottleneck_grid(micro_batch, seq_len, granularity)
+        seeds = _seeds(costs, micro_batch, seq_len, granularity, grid)
+        for schedule in schedules:
+            if progress:
+                progress(f"{schedule}, micro-batches of {micro_batch}: {len(seeds)} seeds")
+            scored = [c for c in (score(schedule, batch_size // micro_batch, p, s) for p, s in seeds.items()) if c]
+            if not local_moves:
+                continue
+            for start in sorted(scored, key=rank)[:_CLIMB_STARTS]:
+                _climb(start, granularity, score, rank)
+    ranked = sorted(seen.values(), key=rank)
+    if not ranked:
+        raise ValueError("no candidate slicing could be scheduled")
+    smallest = min(ranked, key=lambda c: c.peak)
+    fitting = [c for c in ranked if fits(c)]
+    if not fitting:
+        raise ValueError(f"no plan fits the memory limit of {format_bytes(memory_limit)} per stage: the smallest "
+                         f"peak found is {format_bytes(smallest.peak)} ({smallest.describe()}; model states "
+                         f"{format_bytes(max(memory.static_bytes))})")
+    return SearchResult(best=fitting[0], evaluated=len(seen), smallest_peak=smallest, fitting=len(fitting),
+                        candidates=fitting)
+
+
+def _climb(start: Candidate, granularity: int, score, rank) -> Candidate:
+    """Steepest descent over ``neighbours`` until no move improves the rank."""
+    current = start
+    while True:
+        moves = [c for c in (score(current.schedule, current.micro_batches, p, f"moves from {start.source}")
+                             for p in neighbours(current.plan, granularity)) if c]
+        better = min(moves, key=rank, default=None)
+        if better is None or rank(better) >= rank(current):
+            return current
+        current = better
+
+
+def _check(costs, batch_size, seq_len, granularity, schedules, memory, memory_limit) -> None:
+    if costs.stages < 1:
+        raise ValueError(f"stages must be >= 1, got {costs.stages}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if granularity < 1 or seq_len < granularity or seq_len % granularity:
+        raise ValueError(f"seq_len {seq_len} must be a positive multiple of the granularity {granularity}")
+    unknown = [s for s in schedules if s not in SCHEDULE_NAMES]
+    if unknown or not schedules:
+        raise ValueError(f"schedules {list(schedules)}: choose from {', '.join(SCHEDULE_NAMES)}")
+    if memory_limit is not None:
+        if memory is None:
+            raise ValueError("a memory limit needs a memory model")
+        memory.check_limit(memory_limit)
+    if memory is not None and len(memory.static_bytes) != costs.stages:
+        raise ValueError(f"memory model for {len(memory.static_bytes)} stages, costs for {costs.stages}")
+
