@@ -62,6 +62,12 @@ def resolve_plan(ds_config: dict, model: PipelineModule) -> SlicePlan:
         plan = make_plan(batch_slices, seq_slices, ds.train_micro_batch_size_per_gpu, cfg.seq_length)
     except ValueError as e:
         raise ValueError(f"seqpipe: {e}") from None
+    if gpt is not None:  # sequence parallelism splits every slice over the TP ranks
+        from megatron.core import parallel_state
+        slice_problems = gpt.slice_problems([n for lengths in plan.seq_slices for n in lengths],
+                                            parallel_state.get_tensor_model_parallel_world_size())
+        if slice_problems:
+            raise ValueError("seqpipe: " + "; ".join(slice_problems))
     try:  # lowering simulates the schedule: one that cannot run this slicing fails here, on every rank
         schedules.lower(cfg.schedule, model.num_stages, ds.gradient_accumulation_steps, plan)
     except schedules.ScheduleError as e:
@@ -88,15 +94,15 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)  # the config travels as a dict; DeepSpeed refuses both at once
         args.deepspeed_config = None
-    if not seqpipe_config.parse(ds_config).enabled:
+    cfg = seqpipe_config.parse(ds_config)
+    if not cfg.enabled:
         return deepspeed.initialize(args=args, **kwargs)
     plan = resolve_plan(ds_config, model)
     from .engine import SeqPipeEngine
     stock = deepspeed.PipelineEngine
     # deepspeed.initialize builds the pipeline engine from this module attribute; swapping it for
     # the duration of the call reuses all of DeepSpeed's set-up (config, dist, optimizer, ZeRO).
-    deepspeed.PipelineEngine = functools.partial(SeqPipeEngine, slice_plan=plan,
-                                                 schedule=seqpipe_config.parse(ds_config).schedule)
+    deepspeed.PipelineEngine = functools.partial(SeqPipeEngine, slice_plan=plan, schedule=cfg.schedule)
     try:
         return deepspeed.initialize(args=args, **kwargs)
     finally:

@@ -19,7 +19,7 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     png = tmp_path / "timeline.png"
     command = [sys.executable, "-m", "seqpipe_ds.cli.bench", "--num-layers", "2", "--hidden-size", "64",
                "--num-attention-heads", "4", "--seq-length", "128", "--granularity", "32", "--uniform", "2",
-               "--batch-size", "2", "--profile-repeats", "1", "--warmup", "0", "--repeats", "2", "--timeout", "300",
+               "--profile-repeats", "1", "--warmup", "0", "--repeats", "2", "--timeout", "300",
                "--out", str(tmp_path), "--png", str(png)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SEQPIPE_DIST_TIMEOUT_MIN": "3"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -29,7 +29,7 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
         assert name in done.stdout
     result = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert rows["slice-1f1b uniform 2"]["slicing"] == "2 x (1x[64, 64])"
+    assert rows["slice-1f1b uniform 2"]["slicing"] == "1x[64, 64]"
     assert rows["slice-1f1b uniform 2"]["schedule"] == "slice-1f1b"
     plan = json.loads((tmp_path / "dp_results.json").read_text())[0]
     assert rows["terapipe planned"]["slicing"] == " | ".join(
