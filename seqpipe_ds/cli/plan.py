@@ -16,11 +16,14 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..model.presets import PRESETS, fill_shape
 from ..planner import PlanEntry, predict, read_plans, solve, write_plan
 from ..planner.fit import CONTEXT_TERMS, fit_profile, read_model_file, write_model_file
 from ..schedules import SCHEDULES
 from ..slicing import make_plan
 
+# The model shape a preset fills for `profile`; --num-layers stays explicit (the layers of one stage).
+PROFILE_SHAPE = ("hidden_size", "num_attention_heads", "vocab_size", "seq_length")
 # Ranks outside the measuring TP group wait in a barrier for the whole profile.
 PROFILE_TIMEOUT = timedelta(hours=12)
 
@@ -42,14 +45,25 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="measure one stage's slice times, p2p sends and optimizer step")
     p.set_defaults(command=_profile, name="profile")
-    for flag in ("num-layers", "hidden-size", "num-attention-heads", "vocab-size", "seq-length", "micro-batch-size"):
-        p.add_argument(f"--{flag}", type=int, required=True,
-                       help="layers of ONE stage" if flag == "num-layers" else None)
+    p.add_argument("--model-preset", choices=sorted(PRESETS),
+                   help="a named model (seqpipe_ds/model/presets.py): its options and the defaults of --hidden-size, "
+                        "--num-attention-heads, --vocab-size and --seq-length")
+    p.add_argument("--num-layers", type=int, required=True, help="layers of ONE stage")
+    for flag in PROFILE_SHAPE:
+        p.add_argument(f"--{flag.replace('_', '-')}", type=int, help="required unless --model-preset gives it")
+    p.add_argument("--micro-batch-size", type=int, required=True)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch that many ranks, or more)")
     p.add_argument("--granularity", type=int, default=8, help="slice lengths are multiples of this (TeraPipe: 8)")
     p.add_argument("--length-stride", type=int, default=1,
                    help="measure every N-th multiple of the granularity without context (the fit interpolates)")
-    p.add_argument("--context-samples", type=int, default=32, help="random slices measured with context")
+    p.add_argument("--context-samples", type=int, default=32,
+                   help="random slices measured with context (with --adaptive: at most this many)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="measure lengths 1, 2, 4, ... units and bisect only where the straight line is off by more "
+                        "than --tolerance; context points in rounds until a round is predicted within it")
+    p.add_argument("--tolerance", type=float, default=0.03, help="relative error the adaptive profile accepts")
+    p.add_argument("--no-stage-ends", dest="stage_ends", action="store_false",
+                   help="skip the embedding (first stage) and LM head + loss (last stage) measurements")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="batch sizes to measure (default 1..micro batch)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point; the median is kept")
@@ -102,6 +116,10 @@ def _profile(args) -> None:
     from ..parallel import destroy, initialize
     from ..planner.profile import ProfileSpec, bind_device, run_profile
 
+    fill_shape(args, {}, PROFILE_SHAPE)
+    missing = [f"--{name.replace('_', '-')}" for name in PROFILE_SHAPE if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --model-preset)")
     # The profile options are named after ProfileSpec's fields.
     spec = ProfileSpec(**{name: getattr(args, name) for name in ProfileSpec.__dataclass_fields__})
     bind_device()
@@ -132,7 +150,12 @@ def _fit(args) -> None:
     else:
         print(f"sends: {model.send_coef[0]:.4g} s + {model.send_coef[1] * 1e9:.4g} s per GB "
               f"(mean relative error {report.send_error:.2%})")
-    print(f"optimizer step: {model.update_time:.4g} s")
+    print(f"optimizer step: {model.update_time:.4g} s; forward share of a slice: {model.forward_fraction:.2f}")
+    for end, (e0, e1) in model.stage_ends.items():
+        print(f"{end} stage adds {e0:.4g} s + {e1 * 1e6:.4g} us per token")
+    if model.saved_bytes_per_token:
+        print("saved for backward per token: " + ", ".join(f"{kind} stage {v / 1024:.1f} KiB"
+                                                          for kind, v in model.saved_bytes_per_token.items()))
     print(f"held-out relative error on {report.heldout_points} points: mean {report.heldout_mean_error:.2%}, "
           f"max {report.heldout_max_error:.2%}")
     print(f"wrote {args.out}")
@@ -201,8 +224,8 @@ def _show(args) -> None:
     print(f"timeline makespan: {result.makespan:.6g} s")
     if args.png:
         from ..planner.gantt import draw_gantt
-        draw_gantt(result.segments, args.png, title=f"{entry.describe()}, {args.schedule}\n"
-                                                    f"makespan {result.makespan:.4g} s")
+        draw_gantt([(f"{entry.describe()}, {args.schedule}\nmakespan {result.makespan:.4g} s", result.segments)],
+                   args.png)
         print(f"wrote {args.png}")
 
 

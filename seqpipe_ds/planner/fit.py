@@ -13,11 +13,17 @@ A slice of b sequences, l tokens, after c tokens of context costs
 * send is latency + bytes / bandwidth, fitted the same way; a slice sends its activations forward
   and its gradients back, hence the 2.
 
+Per stage (for the schedule-exact search, ``stage_compute``): the first stage adds its embedding
+and the last its final norm, LM head and loss, each e0 + e1*b*l (fitted to the profile's
+``stage_ends``); the forward takes ``forward_fraction`` of a slice's compute (the median measured
+share); and ``saved_bytes_per_token`` (first / middle / last) is what the memory model charges per
+token alive on a stage. Models fitted to older profiles have none of these: no ends, 1/3, none.
+
 The held-out check refits without a random part of the measured points and reports the relative
 error on them (the paper reports < 2%); the model returned is then refitted on every point.
 """
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -35,6 +41,9 @@ class LatencyModel:
     send_coef: List[float]  # [latency, seconds per byte]
     bytes_per_token: int  # one sequence's activation of one token: hidden_size * element size
     update_time: float  # optimizer step of the stage
+    stage_ends: Dict[str, List[float]] = field(default_factory=dict)  # "first"/"last": [e0, e1] (s, s per token)
+    forward_fraction: float = 1 / 3  # forward's share of a slice's compute time
+    saved_bytes_per_token: Dict[str, float] = field(default_factory=dict)  # "first"/"middle"/"last"
 
     def predict(self, b, l, c) -> np.ndarray:
         """Slice times (compute + sends) for arrays of b, l, c; inf outside the measured b and l."""
@@ -54,6 +63,20 @@ class LatencyModel:
         a0, a1, a2, a3 = self.context_coef
         context = np.where(c > 0, a0 + a1 * b * l + a2 * b * c + a3 * b * l * c, 0.0)
         return self._no_context(b, l) + context
+
+    def stage_compute(self, b, l, c, first: bool, last: bool) -> np.ndarray:
+        """Forward + backward compute of a slice on a stage: the layers plus the stage's own ends."""
+        b, l, c = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(b, l, c))
+        t = self.compute_time(b, l, c)
+        for end, present in (("first", first), ("last", last)):
+            if present and end in self.stage_ends:
+                e0, e1 = self.stage_ends[end]
+                t = t + e0 + e1 * b * l
+        return t
+
+    def send_time(self, b, l) -> np.ndarray:
+        """One activation (or its gradient) of b sequences and l tokens, between neighbour stages."""
+        return self.send_coef[0] + self.send_coef[1] * np.asarray(b, dtype=float) * l * self.bytes_per_token
 
     def grid(self, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
         """``grid[b, l // g, c // g]`` for ``solve``: predicted times, inf where l + c > seq_len."""
@@ -85,7 +108,7 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, data: Dict) -> "LatencyModel":
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
 @dataclass(frozen=True)
@@ -103,7 +126,10 @@ def fit_profile(profile: Dict, holdout: float = 0.2, seed: int = 0) -> FitReport
     check = _heldout_mask(b, l, c, holdout, np.random.default_rng(seed))
     send_coef, send_error = _fit_send(profile.get("p2p") or [])
     shared = dict(send_coef=send_coef, bytes_per_token=_bytes_per_token(profile["config"]),
-                  update_time=float(profile.get("optimizer_step") or 0.0))
+                  update_time=float(profile.get("optimizer_step") or 0.0),
+                  stage_ends={end: _fit_tokens(rows) for end, rows in (profile.get("stage_ends") or {}).items()},
+                  forward_fraction=_forward_fraction(profile),
+                  saved_bytes_per_token=dict(profile.get("saved_bytes_per_token") or {}))
     trial = _fit_compute(b[~check], l[~check], c[~check], t[~check], shared)
     error = np.abs(trial.compute_time(b[check], l[check], c[check]) - t[check]) / t[check]
     return FitReport(model=_fit_compute(b, l, c, t, shared),
@@ -165,6 +191,12 @@ def _heldout_mask(b, l, c, fraction: float, rng: np.random.Generator) -> np.ndar
     return mask
 
 
+def fit_compute(b, l, c, t) -> LatencyModel:
+    """The compute part alone (no sends, ends or step), for the adaptive profile's checks."""
+    return _fit_compute(*(np.asarray(v, dtype=float) for v in (b, l, c, t)),
+                        dict(send_coef=[0.0, 0.0], bytes_per_token=0, update_time=0.0))
+
+
 def _fit_compute(b, l, c, t, shared: Dict) -> LatencyModel:
     plain = c == 0
     sizes = np.unique(b[plain])
@@ -188,6 +220,20 @@ def _fit_compute(b, l, c, t, shared: Dict) -> LatencyModel:
     coef = _relative_lstsq(features, residual, tc)
     return LatencyModel(batch_sizes=base.batch_sizes, lengths=lengths, no_context=no_context,
                         context_coef=[float(v) for v in coef], **shared)
+
+
+def _fit_tokens(rows: List[Dict]) -> List[float]:
+    """[e0, e1] of e0 + e1 * b * l fitted to a stage end's measured times."""
+    tokens, t = (np.array([row["b"] * row["l"] if key == "tokens" else row[key] for row in rows], dtype=float)
+                 for key in ("tokens", "time"))
+    if tokens.size < 2 or np.unique(tokens).size < 2:
+        raise ValueError("a stage end needs measurements at >= 2 token counts")
+    return [float(v) for v in _relative_lstsq(np.stack([np.ones_like(tokens), tokens], axis=1), t, t)]
+
+
+def _forward_fraction(profile: Dict) -> float:
+    shares = [row["forward"] / row["time"] for row in profile.get("compute") or [] if "forward" in row]
+    return float(np.median(shares)) if shares else 1 / 3
 
 
 def _fit_send(rows: List[Dict]) -> Tuple[List[float], Optional[float]]:

@@ -80,7 +80,7 @@ def layer_parameters(model, tp: int = 1) -> int:
 def stage_parameters(model, stages: int, tp: int = 1) -> List[int]:
     """Parameters per pipeline stage on one TP rank: layers split evenly (``gpt_pipeline`` partitions
     by TransformerLayer), the embedding on the first stage, the final norm and the output layer (the
-    tied embedding's copy, or the untied output layer) on the last."""
+    tied embedding module's copy, or the untied output layer) on the last."""
     layers, h = _field(model, "num_layers"), _field(model, "hidden_size")
     vocab = _field(model, "vocab_size")
     if stages < 1 or layers < stages:
@@ -89,10 +89,13 @@ def stage_parameters(model, stages: int, tp: int = 1) -> List[int]:
     counts = [per_layer * (layers // stages + (s < layers % stages)) for s in range(stages)]
     positions = _field(model, "max_position_embeddings") or _field(model, "seq_length")
     learned = _field(model, "position_embedding_type", "learned_absolute") == "learned_absolute"
-    counts[0] += vocab * h // tp + (positions * h if learned else 0)
+    embedding = vocab * h // tp + (positions * h if learned else 0)
+    counts[0] += embedding
     norm = 2 * h if _field(model, "normalization", "LayerNorm") == "LayerNorm" else h
     untied = _field(model, "untie_embeddings_and_output_weights", False)
-    counts[-1] += norm + (vocab * h // tp if untied or stages > 1 else 0)
+    # Tied, the last stage builds the whole embedding module again (DeepSpeed's TiedLayerSpec), so
+    # it also holds a copy of the position table.
+    counts[-1] += norm + (vocab * h // tp if untied else embedding if stages > 1 else 0)
     return counts
 
 

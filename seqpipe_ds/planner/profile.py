@@ -1,11 +1,20 @@
-"""Measures what the latency model needs: one stage's forward + backward time per slice shape,
-the p2p send time per message size, and the optimizer step.
+"""Measures what the latency and memory models need: one stage's forward + backward time per slice
+shape, what the first stage (embedding) and the last stage (final norm, LM head, loss) add, the
+bytes each kind of stage saves for backward per token, the p2p send time per message size, and
+the optimizer step.
 
 A slice (b sequences, l tokens, after c tokens of context) is timed as the pipeline runs it: a
 context forward of c tokens fills a ``KVCache`` first (untimed, without autograd: only its K/V
 matter), then the slice's forward and its backward, which also produces the K/V gradients of the
 context. Each point keeps the median of its repeats, after warm-up runs that absorb allocator and
-kernel selection costs.
+kernel selection costs. The forward's own time is kept too (the backward/forward split).
+
+Which points: either a fixed sweep (every ``length_stride``-th length, ``context_samples`` random
+points with context), or, with ``adaptive``, as few as the fit needs: lengths 1, 2, 4, ... units
+first, then the midpoint of every gap whose measured midpoint is more than ``tolerance`` off the
+straight line between its ends (bisected until it is not); context points in rounds, each round
+first predicted by a fit of the earlier ones, until a round is predicted within ``tolerance``
+(or ``context_samples`` are spent). The errors seen are kept in the profile (``adaptive``).
 
 Run in an initialised process group (``bind_device()``, then ``seqpipe_ds.parallel.initialize(tp)``
 with a timeout longer than the profile): the TP group of rank 0 measures the stage together,
@@ -27,9 +36,13 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from ..attention import KVCache
+from ..memory import SavedTensorMeter
 from ..model import GPTConfig, TransformerLayer
+from ..model.layers import FINAL_NORMS, EmbeddingPipe, GPTLoss, OutputLayer, lm_head
+from ..model.presets import options
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Point = Tuple[int, int, int]  # (b, l, c)
 
 
 @dataclass(frozen=True)
@@ -43,13 +56,17 @@ class ProfileSpec:
     tp: int = 1
     granularity: int = 8
     length_stride: int = 1  # no-context lengths: every stride-th multiple of the granularity (+ seq_length)
-    context_samples: int = 32  # random (b, l, c > 0) points for the context term
+    context_samples: int = 32  # random (b, l, c > 0) points for the context term (adaptive: at most)
     batch_sizes: Optional[List[int]] = None  # default 1..micro_batch_size
     warmup: int = 2
     repeats: int = 5
     p2p_sizes: List[int] = field(default_factory=list)  # bytes; default powers of 4 up to one full activation
     dtype: str = "fp32"
     seed: int = 0
+    model_preset: Optional[str] = None  # its GPTConfig options (SwiGLU, GQA, ...) apply to the profiled layers
+    adaptive: bool = False  # measure only where the fit is not yet within `tolerance` (see the module docstring)
+    tolerance: float = 0.03
+    stage_ends: bool = True  # also time and meter the embedding (first stage) and the head + loss (last stage)
 
     def __post_init__(self):
         if self.seq_length % self.granularity:
@@ -58,26 +75,36 @@ class ProfileSpec:
             raise ValueError("length_stride, repeats and micro_batch_size must be >= 1, warmup >= 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance must be a fraction in (0, 1), got {self.tolerance}")
 
     @property
     def dtype_bytes(self) -> int:
         return DTYPES[self.dtype].itemsize
 
+    @property
+    def sizes(self) -> List[int]:
+        return self.batch_sizes or list(range(1, self.micro_batch_size + 1))
 
-def slice_points(spec: ProfileSpec) -> List[Tuple[int, int, int]]:
-    """(b, l, c) to measure: a no-context sweep of l per b, then sampled points with context."""
+
+def slice_points(spec: ProfileSpec) -> List[Point]:
+    """The fixed sweep: a no-context sweep of l per b, then sampled points with context."""
     g, units = spec.granularity, spec.seq_length // spec.granularity
-    sizes = spec.batch_sizes or list(range(1, spec.micro_batch_size + 1))
     lengths = sorted(set(range(1, units + 1, spec.length_stride)) | {units})
-    points = [(b, g * u, 0) for b in sizes for u in lengths]
-    # Context points only where the no-context table is measured, so the fit sees the context term
-    # alone: b among the measured sizes, l anywhere in the measured range.
-    rng = np.random.default_rng(spec.seed)
-    pairs = [(lu, cu) for lu in range(1, units) for cu in range(1, units - lu + 1)]
-    if pairs and spec.context_samples:
-        chosen = rng.choice(len(pairs), size=min(spec.context_samples, len(pairs)), replace=False)
-        points += [(int(rng.choice(sizes)), g * pairs[i][0], g * pairs[i][1]) for i in sorted(chosen)]
-    return points
+    points = [(b, g * u, 0) for b in spec.sizes for u in lengths]
+    return points + context_points(spec, spec.context_samples, np.random.default_rng(spec.seed))
+
+
+def context_points(spec: ProfileSpec, count: int, rng: np.random.Generator, exclude=()) -> List[Point]:
+    """Random (b, l, c > 0) with l + c <= seq_length, b among the measured sizes, none of ``exclude``.
+    Context points lie where the no-context table is measured, so the fit sees the context term alone."""
+    g, units = spec.granularity, spec.seq_length // spec.granularity
+    pairs = [(lu, cu) for lu in range(1, units) for cu in range(1, units - lu + 1)
+             if all((g * lu, g * cu) != (l, c) for _, l, c in exclude)]
+    if not pairs or not count:
+        return []
+    chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
+    return [(int(rng.choice(spec.sizes)), g * pairs[i][0], g * pairs[i][1]) for i in sorted(chosen)]
 
 
 def default_p2p_sizes(spec: ProfileSpec) -> List[int]:
@@ -95,6 +122,35 @@ def bind_device() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+class _Bench:
+    """Times points round robin over the repeats (a machine whose load drifts then skews every
+    point's median alike instead of a few points a lot), with one shared progress bar."""
+
+    def __init__(self, spec: ProfileSpec, time_point: Callable[[Point], Tuple[float, float]], bar: tqdm):
+        self.spec, self.time_point, self.bar = spec, time_point, bar
+        self.rows: Dict[Point, Dict] = {}
+
+    def measure(self, points: List[Point], phase: str) -> None:
+        points = [p for p in dict.fromkeys(points) if p not in self.rows]
+        runs = self.spec.warmup + self.spec.repeats
+        self.bar.set_description(f"profile: {phase}")
+        self.bar.total = (self.bar.total or 0) + runs * len(points)
+        self.bar.refresh()
+        samples = {p: [] for p in points}
+        for run in range(runs):
+            for point in points:
+                elapsed = self.time_point(point)
+                if run >= self.spec.warmup:
+                    samples[point].append(elapsed)
+                self.bar.update()
+        for (b, l, c), times in samples.items():
+            self.rows[b, l, c] = {"b": b, "l": l, "c": c, "time": statistics.median(t for t, _ in times),
+                                  "forward": statistics.median(f for _, f in times), "samples": [t for t, _ in times]}
+
+    def time(self, point: Point) -> float:
+        return self.rows[point]["time"]
+
+
 def run_profile(spec: ProfileSpec, progress: bool = True) -> Dict:
     """Collective over the process group; the returned profile is complete on rank 0."""
     rank = dist.get_rank()
@@ -106,27 +162,22 @@ def run_profile(spec: ProfileSpec, progress: bool = True) -> Dict:
         raise ValueError(f"profile asks for TP={spec.tp} but the process group was initialised with TP="
                          f"{parallel_state.get_tensor_model_parallel_world_size()}")
     if rank < spec.tp:
-        torch.manual_seed(spec.seed)
-        config = GPTConfig(num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-                           num_attention_heads=spec.num_attention_heads, vocab_size=spec.vocab_size,
-                           max_position_embeddings=spec.seq_length, params_dtype=DTYPES[spec.dtype])
-        stage = torch.nn.Sequential(*[TransformerLayer(config, i) for i in range(spec.num_layers)]).to(device)
+        stage, ends = stage_modules(spec, device)
+        ends = ends if spec.stage_ends else None
         sync = _synchronizer(device)
-        points = slice_points(spec)
-        samples = {point: [] for point in points}
-        # Round robin over the points rather than point after point: a machine whose load drifts
-        # then skews every point's median alike instead of a few points a lot.
-        with tqdm(total=(spec.warmup + spec.repeats) * len(points), desc="slices",
-                  disable=not progress or rank != 0) as bar:
-            for run in range(spec.warmup + spec.repeats):
-                for point in points:
-                    elapsed = _time_slice(stage, *point, spec, device, sync)
-                    if run >= spec.warmup:
-                        samples[point].append(elapsed)
-                    bar.update()
-        profile["compute"] = [{"b": b, "l": l, "c": c, "time": statistics.median(times), "samples": times}
-                              for (b, l, c), times in samples.items()]
-        profile["optimizer_step"] = _time_optimizer(stage, spec, sync)
+        with tqdm(total=0, desc="profile", unit="run", disable=not progress or rank != 0) as bar:
+            bench = _Bench(spec, lambda p: _time_slice(stage, *p, spec, device, sync), bar)
+            if spec.adaptive:
+                profile["adaptive"] = _adaptive(spec, bench)
+            else:
+                bench.measure(slice_points(spec), "slices")
+            profile["compute"] = list(bench.rows.values())
+            if ends is not None:
+                profile["stage_ends"] = ends.profile(spec, sync, bar)
+                profile["saved_bytes_per_token"] = saved_bytes_per_token(stage, ends, spec.seq_length)
+            bar.set_description("profile: optimizer step")
+            params = list(stage.parameters()) + (list(ends.parameters()) if ends is not None else [])
+            profile["optimizer_step"] = _time_optimizer(params, spec, sync)
     dist.barrier()
     if dist.get_world_size() >= 2:
         profile["p2p"] = measure_p2p(spec.p2p_sizes or default_p2p_sizes(spec), spec.warmup, spec.repeats, device,
@@ -134,12 +185,141 @@ def run_profile(spec: ProfileSpec, progress: bool = True) -> Dict:
     return profile
 
 
+def stage_modules(spec: ProfileSpec, device) -> Tuple[torch.nn.Module, "StageEnds"]:
+    """One stage's transformer layers, and the ends the first and last stages add (TP from parallel_state)."""
+    torch.manual_seed(spec.seed)
+    config = GPTConfig(num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+                       num_attention_heads=spec.num_attention_heads, vocab_size=spec.vocab_size,
+                       max_position_embeddings=spec.seq_length, params_dtype=DTYPES[spec.dtype],
+                       **(options(spec.model_preset) if spec.model_preset else {}))
+    stage = torch.nn.Sequential(*[TransformerLayer(config, i) for i in range(spec.num_layers)]).to(device)
+    return stage, StageEnds(config, device)
+
+
+def _adaptive(spec: ProfileSpec, bench: _Bench) -> Dict:
+    """Adaptive point selection (module docstring); returns the errors that ended each phase."""
+    g, units = spec.granularity, spec.seq_length // spec.granularity
+    lengths = sorted({min(units, 2 ** i) for i in range(units.bit_length() + 1)})
+    bench.measure([(b, g * u, 0) for b in spec.sizes for u in lengths], "lengths 1, 2, 4, ...")
+    gaps = [(b, lo, hi) for b in spec.sizes for lo, hi in zip(lengths, lengths[1:]) if hi - lo > 1]
+    length_errors = []
+    while gaps:
+        bench.measure([(b, g * ((lo + hi) // 2), 0) for b, lo, hi in gaps], f"{len(gaps)} length midpoints")
+        split = []
+        for b, lo, hi in gaps:
+            mid = (lo + hi) // 2
+            ends = bench.time((b, g * lo, 0)), bench.time((b, g * hi, 0))
+            line = ends[0] + (ends[1] - ends[0]) * (mid - lo) / (hi - lo)
+            error = abs(line - bench.time((b, g * mid, 0))) / bench.time((b, g * mid, 0))
+            length_errors.append(error)
+            if error > spec.tolerance:
+                split += [(b, l, h) for l, h in ((lo, mid), (mid, hi)) if h - l > 1]
+        gaps = split
+    from .fit import fit_compute  # the fit's own model judges whether more context points are needed
+    rng = np.random.default_rng(spec.seed)
+    per_round = max(8, spec.context_samples // 4)
+    context_errors = []
+    while True:
+        done = [p for p in bench.rows if p[2] > 0]
+        new = context_points(spec, min(per_round, spec.context_samples - len(done)), rng, exclude=done)
+        if not new:
+            break
+        if len(done) >= 8:
+            b, l, c, t = (np.array([[p[i] for p in bench.rows] for i in range(3)] + [[r["time"] for r in
+                          bench.rows.values()]], dtype=float))
+            trial = fit_compute(b, l, c, t)
+        bench.measure(new, f"{len(done) + len(new)} context points")
+        if len(done) >= 8:
+            predicted = trial.compute_time(*np.array(new, dtype=float).T)
+            measured = np.array([bench.time(p) for p in new])
+            context_errors.append(float(np.mean(np.abs(predicted - measured) / measured)))
+            if context_errors[-1] <= spec.tolerance:
+                break
+    return {"length_midpoint_errors": length_errors, "context_round_errors": context_errors}
+
+
+class StageEnds(torch.nn.Module):
+    """What the first stage adds before its layers (embedding) and the last after them (final norm,
+    LM head, loss), as ``gpt_pipeline`` builds them."""
+
+    def __init__(self, config: GPTConfig, device):
+        super().__init__()
+        self.config = config
+        self.embedding = EmbeddingPipe(config).to(device)
+        self.final_norm = FINAL_NORMS[config.normalization](config).to(device)
+        self.output = OutputLayer(config).to(device) if config.untie_embeddings_and_output_weights else None
+        self.loss = GPTLoss()
+
+    def first(self, tokens, positions):
+        return self.embedding((tokens, positions))
+
+    def last(self, hidden, labels):
+        hidden = self.final_norm(hidden)
+        logits = self.output(hidden) if self.output is not None else lm_head(self.embedding, hidden)
+        return self.loss(logits, (labels, torch.ones_like(labels, dtype=hidden.dtype)))
+
+    def profile(self, spec: ProfileSpec, sync, bar: tqdm) -> Dict[str, List[Dict]]:
+        """fwd + bwd time of each end at a few (b, l): the fit makes it linear in the tokens b * l."""
+        g, units = spec.granularity, spec.seq_length // spec.granularity
+        shapes = [(b, g * u) for b in sorted({spec.sizes[0], spec.sizes[-1]}) for u in sorted({1, units // 2 or 1, units})]
+        bar.set_description("profile: embedding and LM head + loss")
+        runs = spec.warmup + spec.repeats
+        bar.total += 2 * runs * len(shapes)
+        rows = {"first": [], "last": []}
+        for end in rows:
+            for b, l in shapes:
+                times = []
+                for run in range(runs):
+                    elapsed = self._time(end, b, l, sync)
+                    if run >= spec.warmup:
+                        times.append(elapsed)
+                    bar.update()
+                rows[end].append({"b": b, "l": l, "time": statistics.median(times)})
+        return rows
+
+    def inputs(self, b: int, l: int):
+        device = self.embedding.word_embeddings.weight.device
+        tokens = torch.randint(0, self.config.vocab_size, (b, l), device=device)
+        hidden = torch.randn(b, l, self.config.hidden_size, device=device, dtype=self.config.params_dtype,
+                             requires_grad=True)
+        return tokens, torch.arange(l, device=device).expand(b, l), hidden
+
+    def _time(self, end: str, b: int, l: int, sync) -> float:
+        tokens, positions, hidden = self.inputs(b, l)
+        sync()
+        start = time.perf_counter()
+        if end == "first":
+            out = self.first(tokens, positions)
+            out.backward(torch.ones_like(out))
+        else:
+            self.last(hidden, tokens).backward()
+        sync()
+        return time.perf_counter() - start
+
+
+def saved_bytes_per_token(stage, ends: StageEnds, seq_length: int) -> Dict[str, float]:
+    """Bytes saved for backward per token of one whole sequence, on a first, middle and last stage
+    (the memory model's activation input; ``memory.SavedTensorMeter`` counts them)."""
+    tokens, positions, hidden = ends.inputs(1, seq_length)
+    parameters = list(stage.parameters()) + list(ends.parameters())
+    runs = {"first": lambda: stage(ends.first(tokens, positions)), "middle": lambda: stage(hidden),
+            "last": lambda: ends.last(stage(hidden), tokens)}
+    result = {}
+    for kind, run in runs.items():
+        meter = SavedTensorMeter(parameters)
+        with meter.hooks():
+            out = run()
+        del out
+        result[kind] = meter.peak / seq_length
+    return result
+
+
 def measure_p2p(sizes: List[int], warmup: int, repeats: int, device: torch.device,
                 progress: bool = False) -> List[Dict]:
     """One-way time per message size between ranks 0 and 1 (median of half round trips)."""
     rank, results = dist.get_rank(), []
     sync = _synchronizer(device)
-    for size in tqdm(sizes, desc="p2p", disable=not progress):
+    for size in tqdm(sizes, desc="profile: p2p sends", disable=not progress):
         buffer = torch.zeros(max(1, size // 4), dtype=torch.float32, device=device)
         times = []
         for i in range(warmup + repeats):
@@ -162,8 +342,8 @@ def measure_p2p(sizes: List[int], warmup: int, repeats: int, device: torch.devic
     return results
 
 
-def _time_slice(stage, b: int, l: int, c: int, spec: ProfileSpec, device, sync: Callable) -> float:
-    """One forward + backward of the slice, after an untimed context forward that fills the cache."""
+def _time_slice(stage, b: int, l: int, c: int, spec: ProfileSpec, device, sync: Callable) -> Tuple[float, float]:
+    """(forward + backward, forward) of the slice, after an untimed context forward that fills the cache."""
     dtype = DTYPES[spec.dtype]
     cache = KVCache()
     if c:
@@ -176,15 +356,18 @@ def _time_slice(stage, b: int, l: int, c: int, spec: ProfileSpec, device, sync: 
     start = time.perf_counter()
     with cache.slice(index):
         out = stage(x)
+    sync()
+    forward = time.perf_counter() - start
     torch.autograd.backward(*cache.backward_args(index, [out], [grad]))
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, forward
 
 
-def _time_optimizer(stage: torch.nn.Module, spec: ProfileSpec, sync: Callable) -> float:
-    for p in stage.parameters():
+def _time_optimizer(parameters: List[torch.Tensor], spec: ProfileSpec, sync: Callable) -> float:
+    """AdamW over the fullest stage's parameters (layers and, with stage ends, embedding and head)."""
+    for p in parameters:
         p.grad = torch.randn_like(p)
-    optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-6)
     times = []
     for i in range(spec.warmup + spec.repeats):
         sync()
