@@ -7,6 +7,7 @@ exactly ``deepspeed.initialize``.
 """
 import copy
 import functools
+from typing import Tuple
 
 import deepspeed
 from deepspeed.runtime.config import DeepSpeedConfig
@@ -34,7 +35,13 @@ def _load_config(args, config, config_params) -> dict:
 
 
 def resolve_plan(ds_config: dict, model: PipelineModule) -> SlicePlan:
-    """Checks the whole setup and returns the slicing; raises ValueError before any communication.
+    """Checks the whole setup and returns the slicing; raises ValueError before any communication."""
+    return resolve(ds_config, model)[0]
+
+
+def resolve(ds_config: dict, model: PipelineModule) -> Tuple[SlicePlan, str]:
+    """Checks the whole setup and returns the slicing and the schedule (a plan file's entry may name
+    it); raises ValueError before any communication.
 
     Every rank evaluates the same inputs (the config and the full layer list), so every rank
     raises the same error and none is left waiting in a collective.
@@ -55,9 +62,9 @@ def resolve_plan(ds_config: dict, model: PipelineModule) -> SlicePlan:
         problems.append(f"seq_length {cfg.seq_length} exceeds max_position_embeddings {gpt.max_position_embeddings}")
     if problems:
         raise ValueError("seqpipe cannot run this model: " + "; ".join(problems))
-    batch_slices, seq_slices = cfg.batch_slices, cfg.seq_slices
+    batch_slices, seq_slices, schedule = cfg.batch_slices, cfg.seq_slices, cfg.schedule
     if cfg.plan is not None:
-        batch_slices, seq_slices = _planned_slices(cfg, ds, model)
+        batch_slices, seq_slices, schedule = _planned_slices(cfg, ds, model)
     try:
         plan = make_plan(batch_slices, seq_slices, ds.train_micro_batch_size_per_gpu, cfg.seq_length)
     except ValueError as e:
@@ -69,10 +76,10 @@ def resolve_plan(ds_config: dict, model: PipelineModule) -> SlicePlan:
         if slice_problems:
             raise ValueError("seqpipe: " + "; ".join(slice_problems))
     try:  # lowering simulates the schedule: one that cannot run this slicing fails here, on every rank
-        schedules.lower(cfg.schedule, model.num_stages, ds.gradient_accumulation_steps, plan)
+        schedules.lower(schedule, model.num_stages, ds.gradient_accumulation_steps, plan)
     except schedules.ScheduleError as e:
-        raise ValueError(f"seqpipe: schedule {cfg.schedule!r} cannot run {plan}: {e}") from None
-    return plan
+        raise ValueError(f"seqpipe: schedule {schedule!r} cannot run {plan}: {e}") from None
+    return plan, schedule
 
 
 def _planned_slices(cfg, ds, model):
@@ -97,12 +104,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     cfg = seqpipe_config.parse(ds_config)
     if not cfg.enabled:
         return deepspeed.initialize(args=args, **kwargs)
-    plan = resolve_plan(ds_config, model)
+    plan, schedule = resolve(ds_config, model)
     from .engine import SeqPipeEngine
     stock = deepspeed.PipelineEngine
     # deepspeed.initialize builds the pipeline engine from this module attribute; swapping it for
     # the duration of the call reuses all of DeepSpeed's set-up (config, dist, optimizer, ZeRO).
-    deepspeed.PipelineEngine = functools.partial(SeqPipeEngine, slice_plan=plan, schedule=cfg.schedule)
+    deepspeed.PipelineEngine = functools.partial(SeqPipeEngine, slice_plan=plan, schedule=schedule)
     try:
         return deepspeed.initialize(args=args, **kwargs)
     finally:

@@ -153,3 +153,47 @@ def test_adding_to_a_terapipe_file_keeps_its_entries_verbatim(tmp_path):
     assert items[:2] == LEGACY
     assert items[2] == entry().to_json()
     assert find(path).latency == 0.5
+
+
+def test_schedule_and_peak_round_trip_and_bad_schedule(tmp_path):
+    path = tmp_path / "plans.json"
+    write_plan(str(path), entry(schedule="slice-1f1b", predicted_peak_bytes=[1.5e9, 1.25e9]))
+    found = find(path)
+    assert found.schedule == "slice-1f1b" and found.predicted_peak_bytes == [1.5e9, 1.25e9]
+    items = json.loads(path.read_text())
+    items[0]["schedule"] = "zigzag"
+    path.write_text(json.dumps(items))
+    with pytest.raises(PlanFileError, match="unknown schedule 'zigzag'"):
+        read_plans(str(path))
+
+
+def _resolve_with_plan(plan_path):
+    """One process, one stage: the schedule the hook resolves, with and without the config naming one."""
+    import seqpipe_ds
+    from common import tiny_config
+    from seqpipe_ds import parallel
+    from seqpipe_ds.model import gpt_pipeline
+    model = gpt_pipeline(tiny_config(), parallel.initialize(pipeline_parallel_size=1))
+    config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2,
+              "seqpipe": {"enabled": True, "seq_length": 16, "plan": plan_path}}
+    plan, schedule = seqpipe_ds.resolve(config, model)
+    try:
+        seqpipe_ds.resolve({**config, "seqpipe": {**config["seqpipe"], "schedule": "terapipe"}}, model)
+        conflict = "no error"
+    except ValueError as e:
+        conflict = str(e)
+    return [list(plan.seq_slices[0]), schedule, conflict]
+
+
+@pytest.mark.timeout(120)
+def test_hook_applies_the_planned_schedule(tmp_path):
+    import launcher
+    from common import tiny_config
+    cfg = tiny_config()
+    model = {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")}
+    plan_path = str(tmp_path / "dp_results.json")
+    write_plan(plan_path, PlanEntry(model={**model, "seq_length": 16}, micro_batch_size=2, tp=1, pp=1, dp=1,
+                                    batch_slices=[2], input_slices=[[8, 4, 4]], latency=1.0, schedule="slice-1f1b"))
+    lengths, schedule, conflict = launcher.run(_resolve_with_plan, 1, plan_path=plan_path)[0]
+    assert lengths == [8, 4, 4] and schedule == "slice-1f1b"
+    assert "was made for 'slice-1f1b'" in conflict

@@ -1,15 +1,18 @@
-"""The planner hook: ``"seqpipe": {"plan": "dp_results.json"}`` sets the slicing at engine start.
+"""The planner hook: ``"seqpipe": {"plan": "dp_results.json"}`` sets the slicing (and the schedule,
+when the entry names one) at engine start.
 
 Every rank reads the same file and config and so picks the same entry (or raises the same
 PlanFileError) before any communication.
 """
-from .plan_file import find_plan
+from .plan_file import PlanFileError, find_plan
 
 
 def slices_from_plan(cfg, ds_config, model):
-    """(batch_slices, input_slices) of the plan-file entry matching this run.
+    """(batch_slices, input_slices, schedule) of the plan-file entry matching this run.
 
     ``cfg`` is the SeqPipeConfig, ``ds_config`` DeepSpeed's parsed config, ``model`` the PipelineModule.
+    The entry's schedule is used unless the config names another one explicitly, which is an error:
+    the slicing was planned for the entry's schedule.
     """
     grid = model.mpu()
     query = cfg.plan_model or getattr(model, "gpt_config", None)
@@ -20,4 +23,10 @@ def slices_from_plan(cfg, ds_config, model):
                       tp=grid.get_slice_parallel_world_size(), pp=grid.get_pipe_parallel_world_size(),
                       dp=grid.get_data_parallel_world_size(), seq_length=cfg.seq_length,
                       global_batch_size=ds_config.train_batch_size)
-    return entry.batch_slices, entry.input_slices
+    schedule = cfg.schedule
+    if entry.schedule is not None:
+        if "schedule" in cfg.model_fields_set and cfg.schedule != entry.schedule:
+            raise PlanFileError(f'seqpipe: "schedule" is {cfg.schedule!r} but the plan in {cfg.plan} was made for '
+                                f'{entry.schedule!r}; drop "schedule" from the config or solve for {cfg.schedule!r}')
+        schedule = entry.schedule
+    return entry.batch_slices, entry.input_slices, schedule

@@ -7,7 +7,9 @@ Our entries::
      "global_batch_size": 64, "micro_batch_size": 2, "tp": 1, "pp": 4, "dp": 2,
      "device": "NVIDIA A100-SXM4-40GB",       # where the profile was measured
      "batch_slices": [1, 1], "input_slices": [[1024, 640, 384], [1024, 640, 384]],
-     "latency": 1.23}
+     "latency": 1.23,
+     "schedule": "slice-1f1b",                 # optional: the schedule planned for (the hook applies it)
+     "predicted_peak_bytes": [3.1e10, 2.9e10]} # optional: per stage, the memory model's peak
 
 A setting is identified by the model, the batch sizes, TP/PP/DP and the device; ``write_plan``
 replaces the entry of the same setting.
@@ -51,6 +53,8 @@ class PlanEntry:
     global_batch_size: Optional[int] = None
     device: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)  # legacy fields we carry but do not use
+    schedule: Optional[str] = None  # None: the config's schedule (plans of TeraPipe's DP and legacy files)
+    predicted_peak_bytes: Optional[List[float]] = None  # per stage: model states + saved activations
 
     @property
     def is_legacy(self) -> bool:
@@ -79,10 +83,12 @@ class PlanEntry:
                     "model_parallel_size": self.tp, "pipeline_length": self.pp, "data_parallel_size": self.dp,
                     **self.extra, "latency": self.latency, "batch_slices": self.batch_slices,
                     "input_slices": self.input_slices}
+        optional = {name: getattr(self, name) for name in ("schedule", "predicted_peak_bytes")
+                    if getattr(self, name) is not None}
         return {"model": self.model, "global_batch_size": self.global_batch_size,
                 "micro_batch_size": self.micro_batch_size, "tp": self.tp, "pp": self.pp, "dp": self.dp,
                 "device": self.device, "batch_slices": self.batch_slices, "input_slices": self.input_slices,
-                "latency": self.latency, **self.extra}
+                "latency": self.latency, **optional, **self.extra}
 
 
 def read_plans(path: str) -> List[PlanEntry]:
@@ -161,7 +167,9 @@ def _parse(item: Any, index: int, path: str) -> PlanEntry:
                          batch_slices=[int(b) for b in item["batch_slices"]],
                          input_slices=[[int(l) for l in ls] for ls in item["input_slices"]],
                          latency=float(item["latency"]), global_batch_size=_optional_int(item.get("global_batch_size")),
-                         device=item.get("device"))
+                         device=item.get("device"), schedule=_schedule(item.get("schedule")),
+                         predicted_peak_bytes=None if item.get("predicted_peak_bytes") is None
+                         else [float(b) for b in item["predicted_peak_bytes"]])
     except (KeyError, TypeError, ValueError) as e:
         raise PlanFileError(f"plan file {path}: entry [{index}] is malformed ({type(e).__name__}: {e}); each entry "
                             f"needs model, micro_batch_size, tp, pp, dp, batch_slices, input_slices and latency "
@@ -179,6 +187,13 @@ def _parse_legacy(item: Mapping[str, Any]) -> PlanEntry:
                      dp=int(item["data_parallel_size"]), batch_slices=batch_slices,
                      input_slices=[[int(l) for l in ls] for ls in slices], latency=float(item["latency"]),
                      extra={k: v for k, v in item.items() if k not in known})
+
+
+def _schedule(name: Any) -> Optional[str]:
+    from ..schedules import SCHEDULES  # the registry is the one list of names
+    if name is not None and name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r} (available: {', '.join(SCHEDULES)})")
+    return name
 
 
 def _optional_int(value: Any) -> Optional[int]:
