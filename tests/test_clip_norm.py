@@ -17,6 +17,7 @@ import engine_cases
 import launcher
 from common import RTOL, assert_close, rel_err
 from seqpipe_ds.schedules import SCHEDULES
+from test_model_options import LLAMA
 
 CLIP = 0.05  # the tiny GPT's gradient norm is ~1-3 at these steps: every step clips (checked below)
 SLICED = [{"seq_slices": 4, "schedule": name} for name in SCHEDULES]  # seqpipe, under every schedule
@@ -30,7 +31,9 @@ FP32_VARIANTS = [None, *SLICED, STOCK]  # None: stock DeepSpeed pipelining, with
 LAYOUTS = {
     "pp2": (2, [(dict(pp=2, mbs=2, gas=2), [*FP32_VARIANTS, SLICED_STOCK]),
                 (dict(pp=2, mbs=2, gas=2, zero=1), [None, *SLICED]),
-                (dict(pp=2, mbs=2, gas=2, bf16=True), [None, *SLICED])]),
+                (dict(pp=2, mbs=2, gas=2, bf16=True), [None, *SLICED]),
+                # untied output layer, RMSNorm, no biases: no tied copy, other replicated parameters
+                (dict(pp=2, mbs=2, gas=2, model=LLAMA), [None, *SLICED])]),
     "world4": (4, [(dict(pp=4, mbs=2, gas=2), FP32_VARIANTS),
                    (dict(pp=2, tp=2, mbs=2), FP32_VARIANTS),
                    (dict(pp=2, dp=2, mbs=2), FP32_VARIANTS),
@@ -105,7 +108,8 @@ def _variant_id(variant):
 
 
 def _case_id(case):
-    return "".join(k if v is True else f"{k}{v}" for k, v in case.items() if k in ("pp", "tp", "dp", "zero", "bf16"))
+    parts = [k if v is True else f"{k}{v}" for k, v in case.items() if k in ("pp", "tp", "dp", "zero", "bf16")]
+    return "".join(parts + (["llama"] if "model" in case else []))
 
 
 def _params(variant_filter):
