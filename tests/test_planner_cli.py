@@ -29,7 +29,7 @@ def model_file(tmp_path, capsys):
 def test_fit_solve_show(tmp_path, model_file, capsys):
     plans = tmp_path / "dp_results.json"
     assert main(["solve", str(model_file), "--num-stages", "4", "--plan-file", str(plans), "--dp", "2",
-                 "--model-name", "synthetic-gpt"]) == 0
+                 "--model-name", "synthetic-gpt", "--objective", "dp"]) == 0
     printed = capsys.readouterr().out
     latency = float(re.search(r"predicted iteration: ([\d.e-]+) s", printed).group(1))
     # The CLI's plan is the API's plan on the fitted grid, with the profiled update time.

@@ -138,3 +138,37 @@ def test_no_fit_names_the_smallest_peak_and_bad_input_is_refused():
         search(costs, 2, SEQ, G, schedules=["gpipe"])
     with pytest.raises(ValueError, match="must divide the batch"):
         search(costs, 4, SEQ, G, micro_batch_sizes=[3])
+
+
+@pytest.mark.timeout(120)
+def test_cli_solve_under_a_memory_limit_writes_schedule_time_and_peak(tmp_path, capsys):
+    import json
+
+    from seqpipe_ds.cli.plan import main
+    from seqpipe_ds.planner import find_plan
+    from test_planner_fit import synthetic_profile
+    profile = synthetic_profile(noise=0.0, seq_length=128, granularity=16, context_samples=40)
+    profile["stage_ends"] = {end: [{"b": b, "l": l, "time": base + 1e-6 * b * l} for b in (1, 2) for l in (16, 128)]
+                             for end, base in (("first", 1e-4), ("last", 2e-3))}
+    profile["saved_bytes_per_token"] = {"first": 5000.0, "middle": 4900.0, "last": 8000.0}
+    path, model, plans = tmp_path / "profile.json", tmp_path / "model.json", tmp_path / "dp_results.json"
+    path.write_text(json.dumps(profile))
+    assert main(["fit", str(path), "--out", str(model)]) == 0
+    assert main(["solve", str(model), "--num-stages", "2", "--batch-size", "2", "--plan-file", str(plans)]) == 0
+    free = capsys.readouterr().out
+    assert "predicted peak per stage: " in free and "TeraPipe's DP plan, simulated the same way" in free
+    unlimited = json.loads(plans.read_text())[0]
+    limit = 0.97 * max(unlimited["predicted_peak_bytes"])
+    assert main(["solve", str(model), "--num-stages", "2", "--batch-size", "2", "--memory-limit", str(limit),
+                 "--plan-file", str(plans), "--global-batch-size", "2"]) == 0
+    entry = next(e for e in json.loads(plans.read_text()) if e.get("global_batch_size") == 2)
+    assert entry["schedule"] in ("terapipe", "slice-1f1b") and entry["latency"] >= unlimited["latency"]
+    assert max(entry["predicted_peak_bytes"]) <= limit
+    found = find_plan(str(plans), model={"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+                                         "vocab_size": 128}, micro_batch_size=entry["micro_batch_size"], tp=1, pp=2,
+                      dp=1, seq_length=128, global_batch_size=2)
+    assert found.schedule == entry["schedule"]
+    assert main(["solve", str(model), "--num-stages", "2", "--memory-limit", "1KiB"]) == 1
+    assert "below the parameters, gradients and optimizer states alone" in capsys.readouterr().err
+    assert main(["solve", str(model), "--num-stages", "2", "--objective", "dp", "--memory-limit", "1GiB"]) == 1
+    assert "--objective dp plans TeraPipe's objective only" in capsys.readouterr().err

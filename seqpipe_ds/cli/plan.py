@@ -4,7 +4,7 @@ examples:
     torchrun --nproc_per_node 2 -m seqpipe_ds.cli.plan profile --num-layers 2 --hidden-size 1024 \\
         --num-attention-heads 16 --vocab-size 50304 --seq-length 2048 --micro-batch-size 2 --out prof.json
     seqpipe-plan fit prof.json --out model.json
-    seqpipe-plan solve model.json --num-stages 8 --plan-file dp_results.json --dp 2
+    seqpipe-plan solve model.json --num-stages 8 --plan-file dp_results.json --dp 2 --memory-limit 40GiB
     seqpipe-plan show dp_results.json --index 0 --latency-model model.json --png plan.png
 """
 import argparse
@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..model.presets import PRESETS, fill_shape
+from ..model.presets import PRESETS, fill_shape, options
 from ..planner import PlanEntry, predict, read_plans, solve, write_plan
 from ..planner.fit import CONTEXT_TERMS, fit_profile, read_model_file, write_model_file
 from ..schedules import SCHEDULES
@@ -81,11 +81,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid-out", help="also save the solver's grid (numpy .npy) for the profiled setting")
 
-    p = sub.add_parser("solve", help="optimal batch and sequence slicing for a pipeline")
+    p = sub.add_parser("solve", help="the slicing, schedule and micro-batch split with the least simulated step")
     p.set_defaults(command=_solve, name="solve")
     p.add_argument("model", help="latency model JSON from `fit`")
     p.add_argument("--num-stages", type=int, required=True, help="pipeline stages (PP)")
-    p.add_argument("--batch-size", type=int, help="sequences sliced together (default: profiled micro batch)")
+    p.add_argument("--batch-size", type=int,
+                   help="sequences per step on one pipeline (global batch / DP; default: profiled micro batch). "
+                        "The search splits it into micro-batches; --objective dp slices it as one micro-batch")
+    p.add_argument("--objective", choices=["makespan", "dp"], default="makespan",
+                   help="makespan: simulate the schedule that runs with every stage's costs (planner/search.py); "
+                        "dp: TeraPipe's objective sum(t) + (stages - 1) max(t), solved exactly")
+    p.add_argument("--schedule", choices=["auto", *SCHEDULES], default="auto",
+                   help="schedule to plan for (auto: the faster); the plan file records it and the hook applies it")
+    p.add_argument("--memory-limit", help="per-stage memory, e.g. 40GiB: parameters, gradients, optimizer states "
+                                          "and saved activations at the schedule's peak must fit")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="for the memory model (default: profiled)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1], default=0, help="for the memory model")
     p.add_argument("--seq-length", type=int, help="default: the profiled one")
     p.add_argument("--granularity", type=int, help="default: the profiled one")
     p.add_argument("--update-time", type=float, help="optimizer step time (default: the profiled one)")
@@ -172,27 +183,93 @@ def _solve(args) -> None:
     seq_len = args.seq_length or config["seq_length"]
     granularity = args.granularity or config["granularity"]
     update = found.model.update_time if args.update_time is None else args.update_time
-    grid = found.model.grid(batch, seq_len, granularity)
+    if args.objective == "dp" and (args.memory_limit or args.schedule != "auto"):
+        raise ValueError("--objective dp plans TeraPipe's objective only: --memory-limit and --schedule need "
+                         "--objective makespan")
     start = time.perf_counter()
-    plan = solve(grid, batch, seq_len, args.num_stages, granularity, update)
-    elapsed = time.perf_counter() - start
-    unsliced = args.num_stages * float(grid[batch, seq_len // granularity, 0]) + update
-    print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity} "
-          f"(solved in {elapsed:.3f} s)")
-    _print_slices(plan.batch_slices, plan.input_slices)
-    print(f"predicted iteration: {plan.latency:.6g} s; unsliced: {unsliced:.6g} s "
-          f"({unsliced / plan.latency:.2f}x)")
+    if args.objective == "dp":
+        grid = found.model.grid(batch, seq_len, granularity)
+        plan = solve(grid, batch, seq_len, args.num_stages, granularity, update)
+        unsliced = args.num_stages * float(grid[batch, seq_len // granularity, 0]) + update
+        print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity} "
+              f"(TeraPipe's objective, solved in {time.perf_counter() - start:.3f} s)")
+        _print_slices(plan.batch_slices, plan.input_slices)
+        print(f"predicted iteration: {plan.latency:.6g} s; unsliced: {unsliced:.6g} s "
+              f"({unsliced / plan.latency:.2f}x)")
+        fields = dict(micro_batch_size=batch, batch_slices=plan.batch_slices, input_slices=plan.input_slices,
+                      latency=plan.latency)
+    else:
+        fields = _search(args, found, batch, seq_len, granularity, update)
     if args.plan_file:
-        model = {"num_layers": args.num_model_layers or config["num_layers"] * args.num_stages,
-                 "hidden_size": config["hidden_size"], "num_attention_heads": config["num_attention_heads"],
-                 "seq_length": seq_len, "vocab_size": config["vocab_size"]}
-        if args.model_name:
-            model["name"] = args.model_name
-        entry = PlanEntry(model=model, micro_batch_size=batch, tp=config["tp"], pp=args.num_stages, dp=args.dp,
-                          batch_slices=plan.batch_slices, input_slices=plan.input_slices, latency=plan.latency,
-                          global_batch_size=args.global_batch_size, device=found.device)
+        model = _model_fields(args, config, seq_len)
+        entry = PlanEntry(model=model, tp=config["tp"], pp=args.num_stages, dp=args.dp,
+                          global_batch_size=args.global_batch_size, device=found.device, **fields)
         write_plan(args.plan_file, entry)
         print(f"wrote to {args.plan_file}: {entry.describe()}")
+
+
+def _model_fields(args, config, seq_len):
+    model = {"num_layers": args.num_model_layers or config["num_layers"] * args.num_stages,
+             "hidden_size": config["hidden_size"], "num_attention_heads": config["num_attention_heads"],
+             "seq_length": seq_len, "vocab_size": config["vocab_size"]}
+    if args.model_name:
+        model["name"] = args.model_name
+    return model
+
+
+def _search(args, found, batch, seq_len, granularity, update) -> dict:
+    """The schedule-exact search (planner/search.py) under the memory limit; prints what it found."""
+    from dataclasses import replace
+
+    from ..planner.memory_model import MemoryModel, format_bytes, parse_bytes, stage_parameters
+    from ..planner.search import SCHEDULE_NAMES, StageCosts, evaluate, search
+    config, model = found.config, replace(found.model, update_time=update)
+    limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    memory = None
+    layers = args.num_model_layers or config["num_layers"] * args.num_stages
+    shape = {**_model_fields(args, config, seq_len), "max_position_embeddings": seq_len,
+             **(options(config["model_preset"]) if config.get("model_preset") else {})}
+    if model.saved_bytes_per_token:
+        per_token = _scaled_bytes_per_token(model.saved_bytes_per_token, config["num_layers"],
+                                            -(-layers // args.num_stages))
+        memory = MemoryModel.for_stages(stage_parameters(shape, args.num_stages, config["tp"]), per_token,
+                                        args.precision or config.get("dtype", "fp32"), args.zero_stage, args.dp)
+    elif limit is not None:
+        raise ValueError(f"{args.model} records no saved bytes per token: re-profile (seqpipe-plan profile) to plan "
+                         "under a memory limit")
+    costs = StageCosts.from_latency_model(model, args.num_stages, config["hidden_size"])
+    schedules = SCHEDULE_NAMES if args.schedule == "auto" else [args.schedule]
+    sizes = [m for m in range(1, batch + 1) if batch % m == 0 and m <= max(model.batch_sizes)]
+    start = time.perf_counter()
+    result = search(costs, batch, seq_len, granularity, schedules, memory, limit, micro_batch_sizes=sizes,
+                    progress=lambda what: print(f"  searching {what}", flush=True))
+    best = result.best
+    print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity}: "
+          f"{result.evaluated} candidates simulated in {time.perf_counter() - start:.2f} s"
+          + (f", {result.fitting} fit {format_bytes(limit)}" if limit else ""))
+    print(f"best: {best.schedule}, {best.micro_batches} micro-batch(es) of {best.micro_batch_size} "
+          f"(source: {best.source})")
+    _print_slices(list(best.plan.batch_slices), [list(s) for s in best.plan.seq_slices])
+    print(f"predicted iteration (simulated): {best.makespan:.6g} s")
+    if best.peak_bytes:
+        print("predicted peak per stage: " + ", ".join(format_bytes(b) for b in best.peak_bytes))
+    try:  # the comparison the search must win: TeraPipe's DP on the slowest stage's slice times
+        dp = solve(costs.bottleneck_grid(batch, seq_len, granularity), batch, seq_len, args.num_stages, granularity,
+                   update)
+        dp_plan = make_plan(dp.batch_slices, dp.input_slices, batch, seq_len)
+        simulated = min(evaluate(costs, s, 1, dp_plan).makespan for s in schedules)
+        print(f"TeraPipe's DP plan, simulated the same way: {simulated:.6g} s ({simulated / best.makespan:.3f}x)")
+    except ValueError as e:
+        print(f"TeraPipe's DP plan: not comparable here ({e})")
+    return dict(micro_batch_size=best.micro_batch_size, batch_slices=list(best.plan.batch_slices),
+                input_slices=[list(s) for s in best.plan.seq_slices], latency=best.makespan,
+                schedule=best.schedule, predicted_peak_bytes=best.peak_bytes)
+
+
+def _scaled_bytes_per_token(measured, profiled_layers: int, stage_layers: int):
+    """The profile's per-token bytes for a stage of ``stage_layers`` layers (the layers' share scales)."""
+    layers = measured["middle"] * stage_layers / profiled_layers
+    return {kind: layers + value - measured["middle"] for kind, value in measured.items()}
 
 
 def _show(args) -> None:

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..schedules import Costs, ScheduleError, lower, simulate
+from ..schedules import Costs, lower, simulate
 from ..schedules.actions import FORWARD
 from ..slicing import SlicePlan, even_split
 from .memory_model import MemoryModel, format_bytes
@@ -161,7 +161,10 @@ def _seeds(costs: StageCosts, micro_batch: int, seq_len: int, granularity: int,
                               ("equal-FLOP", equal_flop_lengths(seq_len, k, granularity, costs.hidden_size))):
             for batch in groupings:
                 seeds.setdefault(_plan(batch, [lengths] * len(batch)), f"{kind} {k}")
-    dp = solve(grid, micro_batch, seq_len, costs.stages, granularity, costs.step)
+    try:
+        dp = solve(grid, micro_batch, seq_len, costs.stages, granularity, costs.step)
+    except ValueError:  # no slicing the latency model can time at this micro-batch size
+        return seeds
     seeds.setdefault(_plan(dp.batch_slices, dp.input_slices), "TeraPipe DP")
     # The DP's least-sum slicing under bounds on the slice time: the uniform slicings' longest slices.
     for k in counts[1:]:
@@ -224,8 +227,8 @@ def search(costs: StageCosts, batch_size: int, seq_len: int, granularity: int,
         if key not in seen:
             try:
                 seen[key] = evaluate(costs, schedule, micro_batches, plan, memory, source)
-            except ScheduleError:
-                return None  # a schedule that cannot run this slicing is no candidate
+            except ValueError:  # a schedule that cannot run it (ScheduleError), or a slice the model cannot time
+                return None
         return seen[key]
 
     for micro_batch in sizes:
