@@ -60,6 +60,8 @@ def build_parser():
                        help="defaults to micro batch size × data-parallel size")
     batch.add_argument("--tensor-model-parallel-size", type=int, default=1)
     batch.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    batch.add_argument("--sequence-parallel", action="store_true",
+                       help="Megatron's sequence parallelism inside the tensor-parallel group (needs TP > 1)")
 
     optim = parser.add_argument_group("optimizer and schedule")
     optim.add_argument("--lr", type=float, required=True)
@@ -178,6 +180,13 @@ def _validate_model_options(args):
         if args.num_query_groups % tp:
             raise ValueError(f"--num-query-groups {args.num_query_groups} is not divisible by "
                              f"--tensor-model-parallel-size {tp} (each TP rank holds whole K/V groups)")
+    if args.sequence_parallel:
+        # Megatron-LM quietly turns it off at TP 1; here asking for it there is an error.
+        if tp == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if args.seq_length % tp:
+            raise ValueError(f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
+                             f"--tensor-model-parallel-size {tp}")
     for name in ("attention_dropout", "hidden_dropout"):
         if not 0 <= getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(args, name)}")
@@ -197,7 +206,7 @@ def gpt_config(args, vocab_size):
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent)
+        rotary_percent=args.rotary_percent, sequence_parallel=args.sequence_parallel)
 
 
 def flash_attention_notice(args, device_type):
@@ -274,6 +283,11 @@ def deepspeed_config(args):
     decided = {}
     if "seqpipe" in base:  # the sequence length is --seq-length's to say, as the batch sizes are
         decided["seqpipe"] = {"seq_length": args.seq_length}
+    if args.sequence_parallel:
+        # DeepSpeed's pipeline sends each TP rank 1/TP of a stage's output and all-gathers it on the
+        # next stage, which assumes every TP rank holds the same activation; under sequence
+        # parallelism each holds its own tokens, so every rank sends its whole tensor.
+        decided["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return _merge(base, {
         **decided,
         "train_batch_size": args.global_batch_size,

@@ -71,6 +71,9 @@ def test_unknown_arguments_are_rejected_by_name(capsys):
     (["--attention-dropout", "1"], 1, "--attention-dropout must lie in [0, 1)"),
     (["--rotary-percent", "1.5"], 1, "--rotary-percent must lie in (0, 1]"),
     (["--normalization", "LayerNorm1P"], 1, "invalid choice: 'LayerNorm1P'"),
+    (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "4", "--seq-length", "30"], 4,
+     "--sequence-parallel: --seq-length 30 is not divisible by --tensor-model-parallel-size 4"),
 ])
 @pytest.mark.timeout(30)
 def test_invalid_combinations_fail_with_one_message(capsys, extra, world_size, message):
@@ -94,6 +97,7 @@ def test_model_options_keep_megatron_defaults():
     assert (args.swiglu, args.group_query_attention, args.num_query_groups, args.add_bias_linear,
             args.untie_embeddings_and_output_weights, args.use_flash_attn) == (False, False, 1, True, False, False)
     assert (args.attention_dropout, args.hidden_dropout, args.init_method_std) == (0.1, 0.1, 0.02)
+    assert not args.sequence_parallel
     assert args.ffn_hidden_size == 4 * 64
     # Without --group-query-attention, --num-query-groups is ignored, as in Megatron-LM.
     assert megatron_args.gpt_config(args, 256) == GPTConfig(
@@ -113,6 +117,11 @@ def test_llama_style_arguments_make_the_llama_style_model():
     # Megatron-LM's SwiGLU width: int(4h * 2/3 / 64) * 64 = 128 for h = 64; an explicit size wins.
     assert parse("--swiglu", "--ffn-hidden-size", "96").ffn_hidden_size == 96
     assert parse("--swiglu", "--hidden-size", "4096", "--num-attention-heads", "32").ffn_hidden_size == 10880
+    sp = parse(*LLAMA_FLAGS, "--sequence-parallel", "--tensor-model-parallel-size", "2", world_size=2)
+    assert megatron_args.gpt_config(sp, 256).sequence_parallel
+    # TP ranks hold different tokens: DeepSpeed must send whole stage outputs, not 1/TP each.
+    assert megatron_args.deepspeed_config(sp)["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
+    assert "pipeline" not in megatron_args.deepspeed_config(parse())
 
 
 @pytest.mark.timeout(30)
@@ -159,7 +168,10 @@ def test_deepspeed_config_file_is_merged_and_checked(tmp_path):
     merged = config_with({"optimizer": {"params": {"betas": [0.9, 0.95]}}, "seqpipe": {"slices": 4},
                           "train_micro_batch_size_per_gpu": 2})
     assert merged["optimizer"]["params"] == {"betas": [0.9, 0.95], "lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}
-    assert merged["seqpipe"] == {"slices": 4} and merged["train_batch_size"] == 2
+    # The sequence length is --seq-length's, as the batch sizes are.
+    assert merged["seqpipe"] == {"slices": 4, "seq_length": 32} and merged["train_batch_size"] == 2
+    with pytest.raises(ValueError, match="sets seqpipe.seq_length = 64, but the command line implies 32"):
+        config_with({"seqpipe": {"seq_length": 64}})
     with pytest.raises(ValueError, match="sets train_batch_size = 64, but the command line implies 2"):
         config_with({"train_batch_size": 64})
     with pytest.raises(ValueError, match="sets optimizer.params.lr"):

@@ -27,9 +27,14 @@ OPTIONS = {
     "rope": dict(position_embedding_type="rope", rotary_base=500),
     "llama": LLAMA,
 }
+# With sequence parallelism at TP 2 (tied output with biases, untied output, Llama-style): equal
+# to the same model without it, whole and sliced.
+SEQUENCE_PARALLEL = ("swiglu", "untied", "llama")
 BATCH, SEQ = 3, 24
-# Batch slices of 1 and 2 sequences, each cut into its own uneven sequence slices.
+# Batch slices of 1 and 2 sequences, each cut into its own uneven sequence slices; under sequence
+# parallelism (TP 2) every slice length is even.
 BATCH_SLICES = [(slice(0, 1), [11, 2, 7, 4]), (slice(1, 3), [9, 1, 14])]
+SP_BATCH_SLICES = [(slice(0, 1), [10, 2, 8, 4]), (slice(1, 3), [8, 2, 14])]
 
 
 def _split(batch, rows, lengths):
@@ -42,12 +47,18 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
-def _run_sliced(module, batch):
+def _run_whole(module, batch):
+    loss = module.loss_fn(module(batch[0]), batch[1])
+    loss.backward()
+    return loss.detach()
+
+
+def _run_sliced(module, batch, batch_slices=BATCH_SLICES):
     """Forward of every slice in order, backward in reverse, per batch slice, as the engine runs them."""
     from seqpipe_ds.attention import KVCache
     normalizer = module.loss_fn.normalizer(batch[1])
     total = 0.0
-    for rows, lengths in BATCH_SLICES:
+    for rows, lengths in batch_slices:
         cache = KVCache(capacity=module.gpt_config.max_position_embeddings)
         losses = []
         for j, (inputs, labels) in enumerate(_split(batch, rows, lengths)):
@@ -72,17 +83,50 @@ def _compare(name, tp):
     load_stage(ours, from_megatron(megatron.state_dict(), config))
     batch = make_batch(BATCH, SEQ, config.vocab_size, seed=3)
 
-    loss = ours.loss_fn(ours(batch[0]), batch[1])
-    loss.backward()
+    loss = _run_whole(ours, batch)
     whole = _grads(ours)
     reference = megatron_loss(megatron, batch)
     reference.backward()
     ours.zero_grad(set_to_none=True)
     sliced_loss = _run_sliced(ours, batch)
     megatron.load_state_dict(to_megatron(ours.state_dict(), config), strict=True)
-    return dict(loss=loss.detach(), grads=whole, megatron_loss=reference.detach(),
-                megatron_grads=from_megatron({n: p.grad for n, p in megatron.named_parameters()}, config),
-                sliced_loss=sliced_loss, sliced_grads=_grads(ours))
+    result = dict(loss=loss, grads=whole, megatron_loss=reference.detach(),
+                  megatron_grads=from_megatron({n: p.grad for n, p in megatron.named_parameters()}, config),
+                  sliced_loss=sliced_loss, sliced_grads=_grads(ours))
+    if tp > 1 and name in SEQUENCE_PARALLEL:
+        result["sp"] = _sequence_parallel(ours, batch)
+    return result
+
+
+def _sequence_parallel(ours, batch):
+    """The same weights with sequence parallelism: whole, and sliced into even slices (whose
+    reference is the same slicing without it)."""
+    import dataclasses
+    from seqpipe_ds import parallel
+    from seqpipe_ds.model import gpt_pipeline
+    sp = gpt_pipeline(dataclasses.replace(ours.gpt_config, sequence_parallel=True),
+                      parallel.initialize(tensor_parallel_size=2), seed=5)
+    sp.load_state_dict(ours.state_dict(), strict=True)
+    out = {}
+    for module in (ours, sp):
+        module.zero_grad(set_to_none=True)
+        out[module is sp, "sliced"] = _run_sliced(module, batch, SP_BATCH_SLICES), _grads(module)
+    sp.zero_grad(set_to_none=True)
+    out[True, "whole"] = _run_whole(sp, batch), _grads(sp)
+    return {"whole": out[True, "whole"], "sliced": out[True, "sliced"], "sliced_without": out[False, "sliced"],
+            "odd_slices_error": _odd_slices_error(sp)}
+
+
+def _odd_slices_error(module):
+    """seqpipe's set-up check (run before any communication) of slices that do not split over TP 2."""
+    import seqpipe_ds
+    config = {"train_micro_batch_size_per_gpu": BATCH, "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+              "seqpipe": {"enabled": True, "seq_length": SEQ, "seq_slices": [11, 13]}}
+    try:
+        seqpipe_ds.resolve_plan(config, module)
+    except ValueError as e:
+        return str(e)
+    return "no error"
 
 
 def compare_all(tp):
@@ -124,6 +168,20 @@ def test_option_tp2(tp2, name):
     assert not torch.equal(*[r[name]["grads"]["1.mlp.linear_fc1.weight"] for r in tp2])
 
 
+@pytest.mark.timeout(260)
+@pytest.mark.parametrize("name", SEQUENCE_PARALLEL)
+def test_sequence_parallel_tp2(tp2, name):
+    for rank, result in enumerate(tp2):
+        sp, what = result[name]["sp"], f"{name} TP=2 rank {rank} sequence-parallel"
+        assert_close({"loss": sp["whole"][0]}, {"loss": result[name]["loss"]}, what=f"{what} loss")
+        assert_close(sp["whole"][1], result[name]["grads"], what=f"{what} gradients")
+        assert_close({"loss": sp["sliced"][0]}, {"loss": sp["sliced_without"][0]}, what=f"{what} sliced loss")
+        assert_close(sp["sliced"][1], sp["sliced_without"][1], what=f"{what} sliced gradients")
+        assert_close(sp["sliced_without"][1], result[name]["grads"], what=f"{what} even slices vs whole")
+        assert sp["odd_slices_error"] == ("seqpipe: sequence parallelism splits every slice over the 2 TP ranks, but "
+                                          "slice length(s) [11, 13] are not divisible by 2")
+
+
 @pytest.mark.timeout(30)
 def test_option_parameters():
     """Each option changes the parameters it should (names and shapes); no process group needed."""
@@ -142,10 +200,20 @@ def test_option_parameters():
     (dict(normalization="LayerNorm1P"), 1, "normalization 'LayerNorm1P' is not one of LayerNorm, RMSNorm"),
     (dict(position_embedding_type="alibi"), 1, "position_embedding_type 'alibi' is not one of"),
     (dict(rotary_percent=0.0), 1, r"rotary_percent 0.0 is not in \(0, 1\]"),
+    (dict(sequence_parallel=True), 1, "sequence_parallel needs a tensor-parallel size > 1"),
 ])
 def test_bad_options(overrides, tp, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides).validate(tp)
+
+
+@pytest.mark.timeout(30)
+def test_slices_must_split_over_tp_under_sequence_parallelism():
+    assert tiny_config().slice_problems([3, 5], 2) == []
+    assert tiny_config(sequence_parallel=True).slice_problems([4, 2], 2) == []
+    assert tiny_config(sequence_parallel=True).slice_problems([3, 4, 5, 5], 2) == [
+        "sequence parallelism splits every slice over the 2 TP ranks, but slice length(s) [3, 5] are not divisible "
+        "by 2"]
 
 
 @pytest.mark.timeout(30)

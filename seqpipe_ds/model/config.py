@@ -43,6 +43,9 @@ class GPTConfig:
     position_embedding_type: str = "learned_absolute"
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    # Megatron's sequence parallelism: between the tensor-parallel regions each TP rank holds 1/TP
+    # of the tokens, and activations there are laid out (T / TP, B, h) as in megatron-core.
+    sequence_parallel: bool = False
 
     @property
     def ffn_size(self) -> int:
@@ -69,12 +72,24 @@ class GPTConfig:
                             f"num_attention_heads {self.num_attention_heads}")
         # Our K/V cache keeps whole groups per TP rank; megatron-core would replicate groups across
         # ranks when there are fewer groups than ranks, which we do not implement.
+        if self.sequence_parallel and tensor_parallel_size == 1:
+            problems.append("sequence_parallel needs a tensor-parallel size > 1 (it splits the sequence over the TP "
+                            "ranks)")
         for name, value in (("num_attention_heads", self.num_attention_heads), ("num_query_groups", self.query_groups),
                             ("ffn size", self.ffn_size), ("vocab_size", self.vocab_size)):
             if value % tensor_parallel_size:
                 problems.append(f"{name} {value} is not divisible by the tensor-parallel size "
                                 f"{tensor_parallel_size}")
         _raise(problems)
+
+    def slice_problems(self, lengths, tensor_parallel_size: int) -> list:
+        """Reasons these sequence slice lengths cannot run: under sequence parallelism every slice is
+        split evenly over the TP ranks."""
+        if not self.sequence_parallel:
+            return []
+        bad = sorted({n for n in lengths if n % tensor_parallel_size})
+        return [f"sequence parallelism splits every slice over the {tensor_parallel_size} TP ranks, but slice "
+                f"length(s) {bad} are not divisible by {tensor_parallel_size}"] if bad else []
 
     def check_options(self) -> None:
         """Raises ValueError for option values we do not know (the part of ``validate`` that needs no TP size)."""
@@ -97,7 +112,7 @@ class GPTConfig:
         return ModelParallelConfig(tensor_model_parallel_size=tp,
                                    use_cpu_initialization=self.use_cpu_initialization,
                                    params_dtype=self.params_dtype,
-                                   gradient_accumulation_fusion=False)
+                                   gradient_accumulation_fusion=False, sequence_parallel=self.sequence_parallel)
 
     def transformer_config(self, tensor_parallel_size: int = 1) -> TransformerConfig:
         """megatron-core's TransformerConfig with these options, for its GPTModel (local layer spec,
@@ -112,7 +127,7 @@ class GPTConfig:
             activation_func=F.silu if self.swiglu else F.gelu, add_bias_linear=self.add_bias_linear,
             use_cpu_initialization=self.use_cpu_initialization, gradient_accumulation_fusion=False,
             apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
-            tensor_model_parallel_size=tensor_parallel_size)
+            sequence_parallel=self.sequence_parallel, tensor_model_parallel_size=tensor_parallel_size)
 
 
 def _raise(problems: list) -> None:

@@ -2,6 +2,7 @@
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import ProcessTopology
+from megatron.core import parallel_state
 
 from .config import GPTConfig
 from .layers import FINAL_NORMS, EmbeddingPipe, GPTLoss, OutputLayer, TransformerLayer, lm_head
@@ -39,6 +40,9 @@ def gpt_pipeline(config: GPTConfig, topology: ProcessTopology, seed: int = 1234,
     # which with slicing would run once per slice.
     module.seed_layers = False
     module.gpt_config = config  # lets seqpipe_ds.initialize match plans and check positions
+    if config.sequence_parallel:  # the engine's receive buffers: megatron's (T / TP, B, h) between layers
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        module.activation_dims = lambda batch, tokens: (tokens // tp, batch)
     return module
 
 

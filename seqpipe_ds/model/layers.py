@@ -1,6 +1,10 @@
 """Megatron GPT (megatron-core local layer spec) as DeepSpeed pipeline layers, on megatron-core's
-tensor-parallel layers. Activations are [batch, seq, hidden] so that slicing the sequence is a
-slice of dim 1. Parameter names follow megatron-core's GPTModel, so weights map one to one."""
+tensor-parallel layers. Inputs are [batch, seq] so that slicing the sequence is a slice of dim 1;
+activations between layers are (B, T, h), or under sequence parallelism megatron-core's (T / TP, B, h)
+(each TP rank holds a contiguous 1/TP of the slice's tokens). Parameter names follow megatron-core's
+GPTModel, so weights map one to one."""
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
@@ -22,6 +26,7 @@ class EmbeddingPipe(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.max_positions = config.max_position_embeddings
+        self.sequence_parallel = config.sequence_parallel
         init = init_method_normal(config.init_method_std)
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, init_method=init, config=config.parallel_config())
@@ -40,14 +45,34 @@ class EmbeddingPipe(nn.Module):
         hidden = self.word_embeddings(tokens)  # (B, T, h)
         if self.position_embeddings is not None:
             hidden = hidden + self.position_embeddings(position_ids)
-        return self.dropout(hidden)
+        if not self.sequence_parallel:
+            return self.dropout(hidden)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tokens.shape[1] % tp:
+            raise ValueError(f"sequence parallelism: a slice of {tokens.shape[1]} tokens does not split over "
+                             f"{tp} TP ranks")
+        hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden.transpose(0, 1).contiguous())  # (T/TP, B, h)
+        if not self.dropout.p:
+            return hidden
+        # As megatron-core's embedding: the TP ranks hold different tokens, so their masks must differ.
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return self.dropout(hidden)
 
 
 @sliceable
 def lm_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    """Output layer tied to the word embedding; returns this TP rank's share of the vocabulary."""
-    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
-    return F.linear(hidden, embedding.word_embeddings.weight)
+    """Output layer tied to the word embedding; returns this TP rank's share of the vocabulary, (B, T, V / TP)."""
+    return F.linear(_all_tokens(hidden, embedding.sequence_parallel), embedding.word_embeddings.weight)
+
+
+def _all_tokens(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """The input of a vocabulary-parallel output layer: (B, T, h) of every token. Each TP rank's
+    logits give a partial gradient of it, which the backward sums over the ranks (and under SP,
+    where the tokens were gathered from the ranks' (T / TP, B, h), scatters back)."""
+    if sequence_parallel:
+        return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True) \
+            .transpose(0, 1)
+    return tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
 
 
 @sliceable
@@ -57,12 +82,17 @@ class OutputLayer(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        # Its input comes gathered and with the gradient reduction in place (_all_tokens, shared with
+        # the tied head), so the layer itself neither gathers nor reduces; the logits come out (B, T, V / TP).
         self.output_layer = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size, config.vocab_size, config=config.parallel_config(),
-            init_method=init_method_normal(config.init_method_std), bias=False, gather_output=False)
+            config.hidden_size, config.vocab_size, config=dataclasses.replace(config.parallel_config(),
+                                                                              sequence_parallel=False),
+            init_method=init_method_normal(config.init_method_std), bias=False, gather_output=False,
+            disable_grad_reduce=True)
 
     def forward(self, hidden):
-        logits, _ = self.output_layer(hidden)  # (B, T, vocab / TP)
+        logits, _ = self.output_layer(_all_tokens(hidden, self.sequence_parallel))  # (B, T, V / TP)
         return logits
 
 
@@ -71,6 +101,29 @@ def norm(config: GPTConfig) -> nn.Module:
     (megatron.core.transformer.torch_norm.WrappedTorchNorm)."""
     cls = nn.RMSNorm if config.normalization == "RMSNorm" else nn.LayerNorm
     return cls(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+
+
+def _sum_sequence_parallel_grads(module: nn.Module, norms, config: GPTConfig) -> None:
+    """Under sequence parallelism a TP rank's norms, and the row-parallel biases added after the
+    reduce-scatter, see only its 1/TP of the tokens, so their gradients are partial. megatron-core
+    marks such parameters ``sequence_parallel`` (RowParallelLinear marks its bias) and sums their
+    gradients over the TP group before the optimizer step (distributed/finalize_model_grads.py).
+    Here the norms are marked too, and a hook sums each backward's contribution: one small
+    all-reduce per parameter and slice, and the engine needs no extra step."""
+    if not config.sequence_parallel:
+        return
+    for norm_module in norms:
+        for param in norm_module.parameters():
+            param.sequence_parallel = True
+    for param in module.parameters():
+        if getattr(param, "sequence_parallel", False):
+            param.register_hook(_sum_over_tp_ranks)
+
+
+def _sum_over_tp_ranks(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+    return grad
 
 
 class SelfAttention(nn.Module):
@@ -86,6 +139,7 @@ class SelfAttention(nn.Module):
         pc = config.parallel_config()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.heads, self.groups = config.num_attention_heads // tp, config.query_groups // tp
+        self.sequence_parallel = config.sequence_parallel
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         # QKV rows grouped per K/V head as in megatron-core (attention.py, get_query_key_value_tensors):
@@ -105,20 +159,26 @@ class SelfAttention(nn.Module):
             init_method=scaled_init_method_normal(config.init_method_std, config.num_layers))
 
     def forward(self, x):
-        b, s, _ = x.shape
         q, k, v = self._project(x)
+        b, _, s, _ = q.shape
         cache = attention.current()
         if self.rotary is not None:
             q, k = self._rotate(q, k, cache.offset if cache is not None else 0)
         out = attention.attend(q, k, v, cache, self.layer_number,
                                self.dropout if self.training else 0.0)  # (B, nh, s, hd)
-        out, _ = self.linear_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+        if self.sequence_parallel:  # linear_proj reduce-scatters (T, B, ...) to this rank's (T / TP, B, h)
+            out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
+        else:
+            out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+        out, _ = self.linear_proj(out)
         return out
 
     def _project(self, x):
         """(B, nh, s, hd) queries and (B, ng, s, hd) keys and values of this TP rank's heads."""
-        b, s, _ = x.shape
-        qkv, _ = self.linear_qkv(x)
+        qkv, _ = self.linear_qkv(x)  # (B, T, ...); under SP (T, B, ...): all tokens, gathered from the TP ranks
+        if self.sequence_parallel:
+            qkv = qkv.transpose(0, 1)
+        b, s, _ = qkv.shape
         per_group = self.heads // self.groups
         qkv = qkv.view(b, s, self.groups, (per_group + 2) * self.head_dim)
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
@@ -173,6 +233,7 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        _sum_sequence_parallel_grads(self, [self.input_layernorm, self.pre_mlp_layernorm], config)
 
     def forward(self, x):
         x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
@@ -184,12 +245,14 @@ class TransformerLayer(nn.Module):
 class FinalLayerNorm(nn.LayerNorm):
     def __init__(self, config: GPTConfig):
         super().__init__(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+        _sum_sequence_parallel_grads(self, [self], config)
 
 
 @sliceable
 class FinalRMSNorm(nn.RMSNorm):
     def __init__(self, config: GPTConfig):
         super().__init__(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+        _sum_sequence_parallel_grads(self, [self], config)
 
 
 FINAL_NORMS = {"LayerNorm": FinalLayerNorm, "RMSNorm": FinalRMSNorm}
