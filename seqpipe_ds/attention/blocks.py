@@ -35,8 +35,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Optional[KV
     ``cache.slice``, the K/V that earlier slices cached for ``layer``. Returns (B, nh, s, hd).
 
     ``dropout`` (pass 0 in eval) > 0 with cached slices falls back to one SDPA over the
-    concatenated K/V with a bottom-right causal mask: dropout inside the per-block kernels would
-    drop from each block's own softmax, which the log-sum-exp merge cannot undo.
+    concatenated K/V with a bottom-right causal mask, i.e. O(k^2) copies and a mask again: the CPU
+    kernel with log-sum-exp rejects dropout ("Currently do not support dropout > 0"), and on CUDA
+    each block's backward would need its forward's RNG state. Exact either way, but the masks
+    differ from an unsliced run's, as with any change of kernel shapes.
     """
     if q.shape[1] % k.shape[1] or k.shape != v.shape:
         raise ValueError(f"attention: {q.shape[1]} query heads need a whole number of query heads per K/V "

@@ -6,7 +6,7 @@ log-sum-exp, so that each block's gradients are those of the whole softmax (as r
 does: zhuzilin/ring-flash-attention, Megatron's context parallelism). torch's SDPA kernels with
 log-sum-exp, all taking (B, heads, seq, head_dim):
 
-- CPU: ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its ``_backward`` (torch >= 2.2;
+- CPU: ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its ``_backward`` (checked on torch 2.13;
   it maps query head h to key/value head h // (q_heads / kv_heads) itself, so grouped-query
   attention needs no expansion there).
 - CUDA, fp16/bf16: ``aten::_scaled_dot_product_flash_attention`` (FlashAttention-2).
