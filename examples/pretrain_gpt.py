@@ -6,6 +6,14 @@
         --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 10 --train-iters 100 \
         --log-file runs/pretrain.jsonl --deepspeed --deepspeed_config ds_config.json
 
+A Llama-style model takes Megatron-LM's flags for it, e.g. adding
+
+        --position-embedding-type rope --swiglu --normalization RMSNorm --group-query-attention \
+        --num-query-groups 4 --untie-embeddings-and-output-weights --disable-bias-linear \
+        --attention-dropout 0 --hidden-dropout 0
+
+(and with --tensor-model-parallel-size 2, --sequence-parallel).
+
 Without --data-path it trains on the embedded corpus (seqpipe_ds/data/corpus). Arguments are
 parsed and checked by seqpipe_ds.megatron_args; see --help.
 """

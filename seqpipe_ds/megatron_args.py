@@ -36,7 +36,8 @@ def build_parser():
     model.add_argument("--max-position-embeddings", type=int, default=None,
                        help="defaults to --seq-length")
     model.add_argument("--ffn-hidden-size", type=int, default=None,
-                       help="defaults to 4 × --hidden-size, with --swiglu to 2/3 of that rounded down to a multiple of 64")
+                       help="defaults to 4 × --hidden-size, with --swiglu to 2/3 of that rounded down to a "
+                            "multiple of 64")
     model.add_argument("--position-embedding-type", choices=POSITION_EMBEDDING_TYPES, default="learned_absolute")
     model.add_argument("--rotary-base", type=int, default=10000)
     model.add_argument("--rotary-percent", type=float, default=1.0)

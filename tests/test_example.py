@@ -134,6 +134,20 @@ def test_seqpipe_and_stock_pipelining_give_the_same_loss_curve(seqpipe_run, tmp_
     assert_same_curve(sliced["valid_loss"], stock["valid_loss"], "validation loss")
 
 
+LLAMA_STYLE = ["--position-embedding-type", "rope", "--swiglu", "--normalization", "RMSNorm", "--group-query-attention",
+               "--num-query-groups", "2", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+               "--use-flash-attn"]
+
+
+@pytest.mark.timeout(600)
+def test_llama_style_model_gives_the_same_loss_curve(tmp_path):
+    sliced, sliced_out = train(tmp_path, "llama-seqpipe", SEQPIPE, LLAMA_STYLE)
+    stock, _ = train(tmp_path, "llama-stock", extra=LLAMA_STYLE)
+    assert sorted(stock["loss"]) == [1, 2, 3, 4]
+    assert_same_curve(sliced["loss"], stock["loss"], "Llama-style training loss")
+    assert "--use-flash-attn: no FlashAttention on cpu; a no-op" in sliced_out
+
+
 @pytest.mark.timeout(600)
 def test_resume_from_checkpoint_continues_the_loss_curve(seqpipe_run, tmp_path):
     whole, _, ckpt = seqpipe_run

@@ -51,7 +51,8 @@ class EmbeddingPipe(nn.Module):
         if tokens.shape[1] % tp:
             raise ValueError(f"sequence parallelism: a slice of {tokens.shape[1]} tokens does not split over "
                              f"{tp} TP ranks")
-        hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden.transpose(0, 1).contiguous())  # (T/TP, B, h)
+        # (T / TP, B, h): this rank's contiguous share of the tokens
+        hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden.transpose(0, 1).contiguous())
         if not self.dropout.p:
             return hidden
         # As megatron-core's embedding: the TP ranks hold different tokens, so their masks must differ.
