@@ -17,6 +17,7 @@ import time
 
 import torch
 from deepspeed import comm as dist
+from tqdm import tqdm
 
 import seqpipe_ds
 from seqpipe_ds import parallel
@@ -58,6 +59,8 @@ def run(spec):
     topology = parallel.initialize(pipeline_parallel_size=spec["stages"])
     config = GPTConfig(**spec["model"])
     engines, batches = {}, {}
+    if dist.get_rank() == 0:
+        print(f"timing: building {len(spec['variants'])} engine(s)", flush=True)
     for name, variant in spec["variants"].items():
         model = gpt_pipeline(config, topology)
         engines[name], *_ = seqpipe_ds.initialize(model=model, model_parameters=model.parameters(),
@@ -65,6 +68,8 @@ def run(spec):
         batches[name] = _batches(spec, variant)
     times = {name: [] for name in engines}
     cuda_peak = {name: 0.0 for name in engines}
+    bar = tqdm(total=(spec["warmup"] + spec["repeats"]) * len(engines), unit="iter", disable=dist.get_rank() != 0,
+               desc=f"timing on {spec['stages']} stage(s): warm-up, then alternating")
     for rep in range(spec["warmup"] + spec["repeats"]):
         for name, engine in engines.items():
             if torch.cuda.is_available():
@@ -78,6 +83,8 @@ def run(spec):
                 cuda_peak[name] = max(cuda_peak[name], max(_per_stage(engine, torch.cuda.max_memory_allocated())))
             if rep >= spec["warmup"]:
                 times[name].append(elapsed)
+            bar.update()
+    bar.close()
     result = {"times": times, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "world_size": dist.get_world_size(), "cuda_peak_memory": cuda_peak if torch.cuda.is_available() else None}
     if spec.get("measure"):

@@ -24,7 +24,7 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SEQPIPE_DIST_TIMEOUT_MIN": "3"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    seqpipe = [f"{s} {v}" for s in ("terapipe", "slice-1f1b") for v in ("uniform 2", "planned")]
+    seqpipe = [f"{s} {v}" for s in ("terapipe", "slice-1f1b") for v in ("uniform 2", "planned")] + ["makespan planned"]
     for name in ("stock DeepSpeed", *seqpipe, "ideal (1 process / 2)"):
         assert name in done.stdout
     result = json.loads((tmp_path / "bench.json").read_text())
@@ -34,6 +34,10 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     plan = json.loads((tmp_path / "dp_results.json").read_text())[0]
     assert rows["terapipe planned"]["slicing"] == " | ".join(
         f"{b}x{lengths}" for b, lengths in zip(plan["batch_slices"], plan["input_slices"]))
+    searched = json.loads((tmp_path / "makespan_results.json").read_text())[0]
+    assert rows["makespan planned"]["schedule"] == searched["schedule"]
+    assert rows["makespan planned"]["predicted_s"] == pytest.approx(searched["latency"], rel=1e-6)
+    assert "profile: " in done.stderr and "timing on 2 stage(s)" in done.stderr  # progress is shown
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["vs_stock"] > 0
     for name in ("stock DeepSpeed", *seqpipe):

@@ -1,49 +1,74 @@
 """``seqpipe-bench``: seqpipe against stock DeepSpeed pipelining, side by side in one run.
 
-1. A plan for this machine: profile one stage, fit the latency model, solve (skipped with --plan).
+1. Plans for this machine: profile one stage (adaptively, with its embedding / LM head ends and its
+   saved bytes per token), fit the latency model, then plan twice: TeraPipe's DP (dp_results.json,
+   the "<schedule> planned" variants) and the schedule-exact search over schedules, micro-batch
+   splits and slicings (makespan_results.json, the "makespan planned" variant). Skipped with --plan.
 2. One launch of --stages processes that builds stock DeepSpeed pipelining (the global batch as
-   micro-batches of 1, its best schedule), uniform slicings and the planned slicing, and
-   alternates them iteration by iteration after warm-up.
+   micro-batches of 1, its 1F1B schedule) and, for every schedule in --schedules, uniform slicings
+   and the planned slicing; it alternates them iteration by iteration after warm-up, then runs one
+   measured iteration each: bytes saved for backward per stage (saved-tensor hooks; on CUDA also
+   max_memory_allocated) and slice timestamps.
 3. One single-process launch of the same work: its time / stages is the bubble-free ideal.
-4. On CPU, a short launch per variant for its peak memory (peak RSS is a per-process figure).
-Prints the table, writes bench.json (and with --png a timeline measured from slice timestamps).
+4. The schedule simulator predicts every variant's step time (latency model) and per-stage peak
+   activation bytes (bytes per token probed on each stage), printed beside the measurements.
+Prints the table, writes bench.json (and with --png the measured and predicted timelines).
+
+The default is small enough for a first contact on a 2-core CPU (a few minutes, progress shown for
+every phase). --full is the comparison the README's results come from: hidden 1024, 16 heads,
+uniform 4 and 8 slices, 2 warm-up + 5 timed iterations.
 """
 import argparse
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-from ..slicing import even_split
+from ..model.presets import PRESETS, fill_shape, options
+from ..schedules import SCHEDULES, Action, Segment, lower, simulate
+from ..slicing import SlicePlan, make_plan
+
+MIB = 2 ** 20
 
 MODEL_FLAGS = ("num-layers", "hidden-size", "num-attention-heads", "vocab-size", "seq-length")
+# Without --model-preset: sized for a first run on a 2-core CPU (a few minutes); --full: the README's comparison
+# (slices of >= 256 tokens keep the Xeon's GEMMs efficient).
+DEFAULT_SHAPE = {"num_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "vocab_size": 384, "seq_length": 1024}
+FULL_SHAPE = {**DEFAULT_SHAPE, "hidden_size": 1024, "num_attention_heads": 16}
+# Run settings: (default, --full) for the flags left unset.
+RUN_SETTINGS = {"uniform": ([4], [4, 8]), "warmup": (1, 2), "repeats": (3, 5)}
+# Lines of the launched processes that are progress or results (the rest, DeepSpeed's log, goes to the log file).
+_SHOWN = re.compile(r"^(profile|timing|single stage|/.*: \d+ slice shapes)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    fill_shape(args, FULL_SHAPE if args.full else DEFAULT_SHAPE)
+    for name, (default, full) in RUN_SETTINGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, full if args.full else default)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan_file, model_file = (args.plan, args.latency_model) if args.plan else _make_plan(args, out)
-    variants = _variants(args, plan_file)
+    plan_file, makespan_file, model_file = (args.plan, None, args.latency_model) if args.plan else _make_plan(args, out)
+    variants = _variants(args, plan_file, makespan_file)
     print(f"timing {', '.join(variants)} on {args.stages} stages, {args.warmup} warm-up + {args.repeats} "
-          "alternating iterations each", flush=True)
-    timing = _launch(args, args.stages, variants, out / "timing", trace=args.png is not None)
+          "alternating iterations each, then one measured iteration each", flush=True)
+    timing = _launch(args, args.stages, variants, out / "timing", measure=True)
+    print("timing the same work in one process (the bubble-free ideal)", flush=True)
     ideal = _launch(args, 1, {"single stage": _variant(args.batch_size, 1, None)}, out / "single")
-    memory = timing["peak_memory"]
-    if timing["device"] == "cpu":
-        memory = {name: _launch(args, args.stages, {name: v}, out / f"memory-{i}", repeats=1, warmup=0)
-                  ["peak_memory"][name] for i, (name, v) in enumerate(variants.items())}
-    rows = _rows(args, variants, timing, ideal, memory, model_file, plan_file)
+    rows, predictions = _rows(args, variants, timing, ideal, model_file)
     _print_table(args, rows, timing["device"])
     with open(out / "bench.json", "w") as f:
         json.dump({"config": vars(args), "device": timing["device"], "rows": rows}, f, indent=1)
     if args.png:
-        _draw_trace(timing["trace"], args.png)
+        _draw_timelines(args, timing["trace"], predictions, args.png, with_prediction=model_file is not None)
     print(f"wrote {out / 'bench.json'}" + (f" and {args.png}" if args.png else ""))
     return 0
 
@@ -51,32 +76,37 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _parser():
     p = argparse.ArgumentParser(prog="seqpipe-bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    # The default is sized for a 2-core CPU: slices of >= 256 tokens keep this CPU's GEMMs efficient.
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--hidden-size", type=int, default=1024)
-    p.add_argument("--num-attention-heads", type=int, default=16)
-    p.add_argument("--vocab-size", type=int, default=384)
-    p.add_argument("--seq-length", type=int, default=1024)
+    p.add_argument("--model-preset", choices=sorted(PRESETS),
+                   help="a named model (seqpipe_ds/model/presets.py): its shape and options; the flags below override "
+                        "its shape")
+    for flag in MODEL_FLAGS:
+        p.add_argument(f"--{flag}", type=int,
+                       help=f"default: the preset's, else {DEFAULT_SHAPE[flag.replace('-', '_')]}")
     p.add_argument("--batch-size", type=int, default=1, help="global batch (sequences per iteration)")
     p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--uniform", type=int, nargs="*", default=[2, 4, 8], help="uniform slice counts to time")
+    p.add_argument("--full", action="store_true",
+                   help="the README's full-size comparison: hidden 1024, 16 heads, uniform 4 and 8, 2 + 5 iterations")
+    p.add_argument("--uniform", type=int, nargs="*", help="uniform slice counts to time (default 4; --full: 4 8)")
+    p.add_argument("--schedules", nargs="+", default=["terapipe", "slice-1f1b"], choices=sorted(SCHEDULES),
+                   help="seqpipe schedules to time, each on every slicing")
     p.add_argument("--plan", help="use this plan file instead of profiling (needs --latency-model for predictions)")
     p.add_argument("--latency-model", help="fitted latency model (seqpipe-plan fit) for predicted times")
     p.add_argument("--granularity", type=int, default=128, help="profile/plan granularity in tokens")
     p.add_argument("--profile-repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, help="warm-up iterations per variant (default 1; --full: 2)")
+    p.add_argument("--repeats", type=int, help="timed iterations per variant (default 3; --full: 5)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed for each launch")
     p.add_argument("--out", default="runs/bench")
-    p.add_argument("--png", help="write a measured per-stage, per-slice timeline of the planned run here")
+    p.add_argument("--png", help="write the measured and the predicted per-stage timeline of one variant here")
+    p.add_argument("--png-variant", help="the variant drawn with --png (default: the last schedule's planned run)")
     return p
 
 
 def _model(args):
     return {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
             "num_attention_heads": args.num_attention_heads, "vocab_size": args.vocab_size,
-            "max_position_embeddings": args.seq_length}
+            "max_position_embeddings": args.seq_length, **(options(args.model_preset) if args.model_preset else {})}
 
 
 def _variant(micro_batch_size, gradient_accumulation, seqpipe):
@@ -84,12 +114,31 @@ def _variant(micro_batch_size, gradient_accumulation, seqpipe):
             "seqpipe": seqpipe}
 
 
-def _variants(args, plan_file):
+def _variants(args, plan_file, makespan_file=None):
+    """Stock DeepSpeed runs the batch as micro-batches of one sequence under its 1F1B. Uniform seqpipe
+    variants stream the same single sequences (micro-batches of 1), each cut into k slices; the
+    planned variant runs the plan's batch and sequence slicing on one micro-batch. The makespan-planned
+    variant runs the search's micro-batch split, slicing and schedule (the plan file names it)."""
     variants = {"stock DeepSpeed": _variant(1, args.batch_size, None)}
-    for n in args.uniform:
-        variants[f"seqpipe uniform {n}"] = _variant(args.batch_size, 1, {"seq_slices": n})
-    variants["seqpipe planned"] = _variant(args.batch_size, 1, {"plan": os.path.abspath(plan_file)})
+    for schedule in args.schedules:
+        for n in args.uniform:
+            variants[f"{schedule} uniform {n}"] = _variant(1, args.batch_size, {"seq_slices": n, "schedule": schedule})
+        variants[f"{schedule} planned"] = _variant(args.batch_size, 1, {"plan": os.path.abspath(plan_file),
+                                                                        "schedule": schedule})
+    if makespan_file:
+        entry = _entry(args, makespan_file)
+        variants["makespan planned"] = _variant(entry.micro_batch_size, args.batch_size // entry.micro_batch_size,
+                                                {"plan": os.path.abspath(makespan_file)})
     return variants
+
+
+def _entry(args, plan_file):
+    """The plan this bench's pipeline runs from a plan file (written by _make_plan, or given by --plan)."""
+    from ..planner import read_plans
+    entries = [e for e in read_plans(plan_file) if e.pp == args.stages and args.batch_size % e.micro_batch_size == 0]
+    if not entries:
+        raise SystemExit(f"{plan_file} has no plan for {args.stages} stages and a micro-batch dividing {args.batch_size}")
+    return entries[0]
 
 
 def _free_port():
@@ -99,7 +148,8 @@ def _free_port():
 
 
 def _run_launcher(args, nprocs, module_args, log_path):
-    """``deepspeed --hostfile`` on localhost, the way users launch; raises with the log's tail on failure."""
+    """``deepspeed --hostfile`` on localhost, the way users launch; raises with the log's tail on failure.
+    Everything goes to the log; progress bars and result lines are also shown here as they come."""
     with tempfile.NamedTemporaryFile("w", suffix=".hostfile", delete=False) as hostfile:
         hostfile.write(f"localhost slots={nprocs}\n")
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile.name, "--no_ssh_check",
@@ -107,19 +157,45 @@ def _run_launcher(args, nprocs, module_args, log_path):
                *module_args]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     try:
-        with open(log_path, "w") as log:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            try:
+                _relay(process, log, args.timeout)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
     finally:
         os.unlink(hostfile.name)
-    if done.returncode != 0:
-        tail = Path(log_path).read_text()[-3000:]
-        raise RuntimeError(f"launch failed (exit {done.returncode}): {' '.join(command)}\n...{tail}")
+    if process.returncode != 0:
+        tail = Path(log_path).read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"launch failed (exit {process.returncode}): {' '.join(command)}\n...{tail}")
 
 
-def _launch(args, stages, variants, stem, trace=False, repeats=None, warmup=None):
-    spec = {"model": _model(args), "stages": stages, "variants": variants, "trace": trace,
-            "warmup": args.warmup if warmup is None else warmup,
-            "repeats": args.repeats if repeats is None else repeats, "out": f"{stem}.json"}
+def _relay(process, log, timeout):
+    """Copies the process's output into the log, and its progress and result segments (split at
+    carriage returns too, so tqdm bars update in place) to stderr; kills it after ``timeout`` s."""
+    timer = threading.Timer(timeout, process.kill)
+    timer.start()
+    pending = b""
+    try:
+        for chunk in iter(lambda: process.stdout.read1(65536), b""):
+            log.write(chunk)
+            pending += chunk
+            *segments, pending = re.split(rb"(?<=[\r\n])", pending)
+            for segment in segments:
+                text = segment.decode(errors="replace")
+                if _SHOWN.match(text):
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+        process.wait()
+    finally:
+        timer.cancel()
+
+
+def _launch(args, stages, variants, stem, measure=False):
+    spec = {"model": _model(args), "stages": stages, "variants": variants, "measure": measure,
+            "warmup": args.warmup, "repeats": args.repeats, "out": f"{stem}.json"}
     with open(f"{stem}.spec.json", "w") as f:
         json.dump(spec, f)
     _run_launcher(args, stages, ["seqpipe_ds.benchmark", f"{stem}.spec.json"], f"{stem}.log")
@@ -128,107 +204,126 @@ def _launch(args, stages, variants, stem, trace=False, repeats=None, warmup=None
 
 
 def _make_plan(args, out):
-    """profile (one process, one stage's layers) -> fit -> solve into out/dp_results.json."""
+    """profile (one process, one stage's layers and both ends) -> fit -> TeraPipe's DP into
+    out/dp_results.json and the schedule-exact search into out/makespan_results.json."""
     from . import plan as plan_cli
     if args.num_layers % args.stages:
         raise SystemExit(f"--num-layers {args.num_layers} must divide into --stages {args.stages}")
-    profile, model_file, plan_file = out / "profile.json", out / "latency_model.json", out / "dp_results.json"
+    profile, model_file = out / "profile.json", out / "latency_model.json"
+    plan_file, makespan_file = out / "dp_results.json", out / "makespan_results.json"
     batch_sizes = sorted({1, args.batch_size} | {b for b in (2, 4) if b < args.batch_size})
-    print(f"profiling one stage ({args.num_layers // args.stages} layers) at granularity {args.granularity}",
-          flush=True)
+    print(f"profiling one stage ({args.num_layers // args.stages} layers, embedding and LM head) at granularity "
+          f"{args.granularity}, adaptively", flush=True)
     _run_launcher(args, 1, ["seqpipe_ds.cli.plan", "profile", "--num-layers", str(args.num_layers // args.stages),
                             *[v for flag in MODEL_FLAGS[1:] for v in (f"--{flag}", str(getattr(args, flag.replace("-", "_"))))],
                             "--micro-batch-size", str(args.batch_size), "--batch-sizes", *map(str, batch_sizes),
+                            *(["--model-preset", args.model_preset] if args.model_preset else []),
                             "--granularity", str(args.granularity), "--repeats", str(args.profile_repeats),
-                            "--warmup", "1",
-                            "--quiet", "--out", str(profile)], out / "profile.log")
+                            "--warmup", "1", "--adaptive", "--out", str(profile)], out / "profile.log")
+    solve = ["solve", str(model_file), "--num-stages", str(args.stages), "--batch-size", str(args.batch_size),
+             "--num-model-layers", str(args.num_layers)]
     for command in (["fit", str(profile), "--out", str(model_file)],
-                    ["solve", str(model_file), "--num-stages", str(args.stages), "--batch-size", str(args.batch_size),
-                     "--num-model-layers", str(args.num_layers), "--plan-file", str(plan_file)]):
+                    [*solve, "--objective", "dp", "--plan-file", str(plan_file)],
+                    [*solve, "--plan-file", str(makespan_file)]):
+        print(f"seqpipe-plan {command[0]}" + (f" ({command[command.index('--objective') + 1]} objective)"
+                                              if "--objective" in command else ""), flush=True)
         if plan_cli.main(command):
             raise SystemExit(f"seqpipe-plan {command[0]} failed")
-    return str(plan_file), str(model_file)
+    return str(plan_file), str(makespan_file), str(model_file)
 
 
-def _slicing(args, variant, plan_file):
-    """(batch_slices, input_slices) a variant runs, for the table and the prediction."""
+def _slice_plan(args, variant) -> Tuple[str, SlicePlan, int]:
+    """(schedule, slicing of one micro-batch, micro-batches) a variant runs; stock DeepSpeed's 1F1B is
+    slice-1f1b with one slice per micro-batch."""
     section = variant["seqpipe"]
     if section is None:
-        return None
+        return "slice-1f1b", make_plan(1, 1, 1, args.seq_length), variant["gradient_accumulation"]
     if "plan" in section:
-        from ..planner import read_plans
-        entry = next(e for e in read_plans(plan_file) if e.micro_batch_size == args.batch_size and e.pp == args.stages)
-        return entry.batch_slices, entry.input_slices
-    return [args.batch_size], [even_split(args.seq_length, section["seq_slices"])]
+        entry = _entry(args, section["plan"])
+        plan = make_plan(entry.batch_slices, entry.input_slices, entry.micro_batch_size, args.seq_length)
+        return section.get("schedule") or entry.schedule or "terapipe", plan, variant["gradient_accumulation"]
+    plan = make_plan(1, section["seq_slices"], variant["micro_batch_size"], args.seq_length)
+    return section["schedule"], plan, variant["gradient_accumulation"]
 
 
-def _predict(args, model_file, slicing):
-    """The planner's model of one iteration: sum + (K - 1) * max of slice times + optimizer step."""
-    if not model_file:
-        return None
-    from ..planner.fit import read_model_file
-    model = read_model_file(model_file).model
-    if slicing is None:  # stock: B micro-batches of one whole sequence, 1F1B
-        t = model.plan_slice_times([1], [[args.seq_length]])[0]
-        return (args.batch_size + args.stages - 1) * t + model.update_time
-    times = model.plan_slice_times(*slicing)
-    return sum(times) + (args.stages - 1) * max(times) + model.update_time
+def _predict(args, model_file, variant, bytes_per_token):
+    """The simulated step of the variant's schedule: makespan from the latency model with every
+    stage's own costs, as the search scores plans (None without a model), and per-stage peak saved
+    bytes from the measured bytes per token."""
+    schedule, plan, micro_batches = _slice_plan(args, variant)
+    programs = lower(schedule, args.stages, micro_batches, plan)
+    costs = None
+    if model_file:
+        from ..planner.fit import read_model_file
+        from ..planner.search import StageCosts
+        costs = StageCosts.from_latency_model(read_model_file(model_file).model, args.stages,
+                                              args.hidden_size).simulator_costs(plan)
+    return simulate(programs, plan, costs, bytes_per_token=bytes_per_token)
 
 
-def _rows(args, variants, timing, ideal, memory, model_file, plan_file):
+def _rows(args, variants, timing, ideal, model_file):
     ideal_time = statistics.median(ideal["times"]["single stage"]) / args.stages
     tokens = args.batch_size * args.seq_length
     stock = statistics.median(timing["times"]["stock DeepSpeed"])
-    rows = []
+    rows, predictions = [], {}
     for name, variant in variants.items():
         times = timing["times"][name]
         median = statistics.median(times)
-        slicing = _slicing(args, variant, plan_file)
-        predicted = _predict(args, model_file, slicing)
-        rows.append({"variant": name, "slicing": _describe(args, slicing), "s_per_iter": median,
-                     "s_min": min(times), "s_max": max(times), "tokens_per_s": tokens / median,
-                     "tokens_per_s_min": tokens / max(times), "tokens_per_s_max": tokens / min(times),
-                     "vs_stock": stock / median, "of_ideal": ideal_time / median,
-                     "predicted_s": predicted, "prediction_error": None if predicted is None else predicted / median - 1,
-                     "peak_memory_mib": memory[name] / 2 ** 20})
+        schedule, plan, micro_batches = _slice_plan(args, variant)
+        predictions[name] = simulated = _predict(args, model_file, variant, timing["saved_bytes_per_token"])
+        predicted = simulated.makespan if model_file else None
+        saved = timing["saved_peak_bytes"][name]
+        row = {"variant": name, "schedule": "1f1b (stock)" if variant["seqpipe"] is None else schedule,
+               "slicing": _describe(variant, plan, micro_batches), "s_per_iter": median,
+               "s_min": min(times), "s_max": max(times), "tokens_per_s": tokens / median,
+               "tokens_per_s_min": tokens / max(times), "tokens_per_s_max": tokens / min(times),
+               "vs_stock": stock / median, "of_ideal": ideal_time / median,
+               "predicted_s": predicted, "prediction_error": None if predicted is None else predicted / median - 1,
+               "peak_activation_mib": max(saved) / MIB, "stage_peak_activation_mib": [b / MIB for b in saved],
+               "predicted_peak_activation_mib": max(simulated.peak_activation_bytes) / MIB,
+               "stage_predicted_peak_activation_mib": [b / MIB for b in simulated.peak_activation_bytes]}
+        if timing.get("cuda_peak_memory"):
+            row["cuda_peak_memory_mib"] = timing["cuda_peak_memory"][name] / MIB
+        rows.append(row)
     rows.append({"variant": f"ideal (1 process / {args.stages})", "slicing": "no bubble", "s_per_iter": ideal_time,
                  "tokens_per_s": tokens / ideal_time, "vs_stock": stock / ideal_time, "of_ideal": 1.0,
                  "single_stage_s": ideal_time * args.stages})
-    return rows
+    return rows, predictions
 
 
-def _describe(args, slicing):
-    if slicing is None:
-        return f"{args.batch_size} micro-batch(es) of 1 x {args.seq_length}"
-    batch_slices, input_slices = slicing
-    return " | ".join(f"{b}x{lengths}" for b, lengths in zip(batch_slices, input_slices))
+def _describe(variant, plan, micro_batches):
+    parts = " | ".join(f"{b}x{list(lengths)}" for b, lengths in zip(plan.batch_slices, plan.seq_slices))
+    return f"{micro_batches} x ({parts})" if micro_batches > 1 else parts
 
 
 def _print_table(args, rows, device):
     print(f"\nGPT {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads, seq "
           f"{args.seq_length}, batch {args.batch_size}; {args.stages} stages, {args.threads} thread(s) each; "
-          f"device {device}; medians of {args.repeats} alternating iterations")
+          f"device {device}; medians of {args.repeats} alternating iterations; activation MiB = peak bytes saved "
+          "for backward on the fullest stage, measured / simulated")
     header = f"{'variant':<24} {'tokens/s (min-max)':>22} {'x stock':>8} {'of ideal':>9} {'predicted':>16} " \
-             f"{'peak MiB':>9}  slicing"
+             f"{'act. MiB meas/sim':>18}  slicing"
     print(header + "\n" + "-" * len(header))
     for r in rows:
         spread = f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f})" \
             if "tokens_per_s_min" in r else f"{r['tokens_per_s']:.0f}"
         predicted = f"{r['predicted_s']:.3f}s ({r['prediction_error']:+.0%})" if r.get("predicted_s") else "-"
-        memory = f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else "-"
+        memory = f"{r['peak_activation_mib']:.0f} / {r['predicted_peak_activation_mib']:.0f}" \
+            if "peak_activation_mib" in r else "-"
         print(f"{r['variant']:<24} {spread:>22} {r['vs_stock']:>7.2f}x {r['of_ideal']:>8.0%} {predicted:>16} "
-              f"{memory:>9}  {r['slicing']}")
+              f"{memory:>18}  {r['slicing']}")
 
 
-def _draw_trace(traces, path):
+def _draw_timelines(args, traces, predictions, path, with_prediction):
     from ..planner.gantt import draw_gantt
-    from ..planner.timeline import Segment
-    name = "seqpipe planned"
-    rows = traces[name]
-    units = sorted({tuple(unit) for _, _, unit, _, _, _ in rows})
-    segments = [Segment(stage, units.index(tuple(unit)), "fwd" if phase == "forward" else "bwd", start, end)
-                for stage, _, unit, phase, start, end in rows]
-    draw_gantt(segments, path, f"{name}: measured slice forward/backward per stage")
+    name = args.png_variant or ("makespan planned" if "makespan planned" in traces else f"{args.schedules[-1]} planned")
+    if name not in traces:
+        raise SystemExit(f"--png-variant {name!r}: no measured timeline (seqpipe variants: {', '.join(traces)})")
+    measured = [Segment(stage, Action(kind, m, b, s), start, end) for stage, kind, m, b, s, start, end in traces[name]]
+    panels = [(f"{name}: measured", measured)]
+    if with_prediction:
+        panels.append((f"{name}: simulated from the latency model", predictions[name].segments))
+    draw_gantt(panels, path)
 
 
 if __name__ == "__main__":

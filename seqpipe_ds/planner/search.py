@@ -121,9 +121,17 @@ class SearchResult:
 def evaluate(costs: StageCosts, schedule: str, micro_batches: int, plan: SlicePlan,
              memory: Optional[MemoryModel] = None, source: str = "") -> Candidate:
     """The simulated step of ``schedule`` running ``micro_batches`` micro-batches sliced by ``plan``."""
-    result = simulate(lower(schedule, costs.stages, micro_batches, plan), plan, costs.simulator_costs(plan))
+    result = simulate(lower(schedule, costs.stages, micro_batches, _structure(plan)), plan,
+                      costs.simulator_costs(plan))
     peaks = memory.peaks(result.peak_alive_tokens) if memory is not None else None
     return Candidate(schedule, micro_batches, plan, result.makespan, peaks, source)
+
+
+def _structure(plan: SlicePlan) -> SlicePlan:
+    """The plan with every length 1: lowering depends only on the units (how many batch slices, how
+    many sequence slices each), so all plans of one structure share one cached lowering; the
+    simulation with the real plan still checks every program against it."""
+    return SlicePlan(tuple(1 for _ in plan.batch_slices), tuple(tuple(1 for _ in lengths) for lengths in plan.seq_slices))
 
 
 def equal_flop_lengths(seq_len: int, parts: int, granularity: int, hidden_size: int) -> List[int]:
