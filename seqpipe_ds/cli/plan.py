@@ -16,9 +16,10 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..model.presets import PRESETS, fill_shape, options
+from ..model.presets import PRESETS, SHAPE, fill_shape, options
 from ..planner import PlanEntry, predict, read_plans, solve, write_plan
 from ..planner.fit import CONTEXT_TERMS, fit_profile, read_model_file, write_model_file
+from ..planner.search import SCHEDULE_NAMES
 from ..schedules import SCHEDULES
 from ..slicing import make_plan
 
@@ -106,6 +107,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-model-layers", type=int,
                    help="layers of the whole model, for the plan file (default: profiled layers x stages)")
     p.add_argument("--model-name", help="optional model name recorded in the plan file")
+
+    p = sub.add_parser("advise", help="rank TP x PP x DP, schedule and slicing for a model on a cluster")
+    p.set_defaults(command=_advise, name="advise")
+    p.add_argument("--model-preset", choices=sorted(PRESETS), help="a named model, e.g. gpt3-175b (TeraPipe's)")
+    for flag in SHAPE:
+        p.add_argument(f"--{flag.replace('_', '-')}", type=int, help="Megatron-style shape (overrides the preset)")
+    p.add_argument("--cluster", required=True, help="cluster JSON (configs/cluster_terapipe_paper.json)")
+    p.add_argument("--global-batch-size", type=int, required=True)
+    p.add_argument("--granularity", type=int, default=128, help="slice lengths are multiples of this")
+    p.add_argument("--schedule", choices=["auto", *SCHEDULES], default="auto")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1], default=0)
+    p.add_argument("--local-moves", action="store_true", help="also refine slicings by local moves (slower)")
+    p.add_argument("--top", type=int, default=10, help="rows of the table")
+    p.add_argument("--plan-file", help="write the winner's plan here (dp_results.json)")
 
     p = sub.add_parser("show", help="print a plan file's plans, or one plan's predicted timeline")
     p.set_defaults(command=_show, name="show")
@@ -222,7 +237,7 @@ def _search(args, found, batch, seq_len, granularity, update) -> dict:
     from dataclasses import replace
 
     from ..planner.memory_model import MemoryModel, format_bytes, parse_bytes, stage_parameters
-    from ..planner.search import SCHEDULE_NAMES, StageCosts, evaluate, search
+    from ..planner.search import StageCosts, evaluate, search
     config, model = found.config, replace(found.model, update_time=update)
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     memory = None
@@ -304,6 +319,43 @@ def _show(args) -> None:
         draw_gantt([(f"{entry.describe()}, {args.schedule}\nmakespan {result.makespan:.4g} s", result.segments)],
                    args.png)
         print(f"wrote {args.png}")
+
+
+def _advise(args) -> None:
+    from ..planner import advise as advisor
+    fill_shape(args, {})
+    missing = [f"--{name.replace('_', '-')}" for name in SHAPE if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --model-preset)")
+    model = {name: getattr(args, name) for name in SHAPE}
+    model.update({"max_position_embeddings": args.seq_length,
+                  **(options(args.model_preset) if args.model_preset else {})})
+    cluster = advisor.load_cluster(args.cluster)
+    schedules = SCHEDULE_NAMES if args.schedule == "auto" else [args.schedule]
+    start = time.perf_counter()
+    advice = advisor.advise(model, cluster, args.global_batch_size, args.granularity, schedules, args.zero_stage,
+                            local_moves=args.local_moves, progress=lambda what: print(f"  planning {what}", flush=True))
+    print(f"{len(advice.ranked)} configurations fit, {len(advice.rejected)} do not "
+          f"({time.perf_counter() - start:.1f} s); device model: FLOP rate of {cluster.gpu.name}")
+    print(advisor.table(advice, args.top))
+    unsliced = advisor.best_unsliced_overall(advice)
+    best = advice.ranked[0]
+    if unsliced:
+        print(f"best unsliced (micro-batch-only 1F1B): TP {unsliced.tp} x PP {unsliced.pp} x DP {unsliced.dp}, "
+              f"{unsliced.unsliced.makespan:.3f} s; the winner is {unsliced.unsliced.makespan / best.time:.2f}x faster")
+    for c in advice.rejected:
+        print(f"does not fit: TP {c.tp} x PP {c.pp} x DP {c.dp}: {c.note.splitlines()[0][:160]}")
+    if args.plan_file:
+        b = best.best
+        entry = PlanEntry(model={**{name: getattr(args, name) for name in SHAPE},
+                                 **({"name": args.model_preset} if args.model_preset else {})},
+                          micro_batch_size=b.micro_batch_size, tp=best.tp, pp=best.pp, dp=best.dp,
+                          batch_slices=list(b.plan.batch_slices), input_slices=[list(s) for s in b.plan.seq_slices],
+                          latency=b.makespan, global_batch_size=args.global_batch_size,
+                          device=cluster.gpu.name, schedule=b.schedule, predicted_peak_bytes=b.peak_bytes)
+        write_plan(args.plan_file, entry)
+        print(f"wrote to {args.plan_file}: {entry.describe()}")
+        print("launch:\n" + advisor.launch_flags(advice, args.plan_file))
 
 
 def _print_slices(batch_slices: List[int], input_slices: List[List[int]]) -> None:

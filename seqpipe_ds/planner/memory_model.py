@@ -29,7 +29,7 @@ _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 *
           "gib": 2 ** 30, "tib": 2 ** 40}
 
 
-def parse_bytes(text) -> float:
+def parse_bytes(text, allow_zero: bool = False) -> float:
     """'40GiB', '16 GB', '512MiB', or a number of bytes."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value, unit = float(text), ""
@@ -38,7 +38,7 @@ def parse_bytes(text) -> float:
         if not match or match.group(2).lower() not in _UNITS:
             raise ValueError(f"{text!r} is not a memory size (e.g. 40GiB, 16GB, 512MiB)")
         value, unit = float(match.group(1)), match.group(2).lower()
-    if value <= 0:
+    if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"memory size {text!r} must be positive")
     return value * _UNITS[unit]
 
