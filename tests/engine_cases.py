@@ -29,9 +29,17 @@ def ds_config(case, seqpipe=None):
     }
     if case.get("bf16"):
         cfg["bf16"] = {"enabled": True}
+    cfg.update(case.get("ds_config", {}))  # further DeepSpeed settings a case needs
     if seqpipe is not None:
         cfg["seqpipe"] = {"enabled": True, "seq_length": SEQ, **seqpipe}
     return cfg
+
+
+def reference_case(case):
+    """The single-process run of a case: the same micro-batches, all on one rank."""
+    ref = {k: v for k, v in case.items() if k not in ("pp", "tp", "dp")}
+    ref["gas"] = case.get("gas", 1) * case.get("dp", 1)
+    return ref
 
 
 def micro_batches(case, step, dp_rank):
@@ -57,7 +65,7 @@ def train(case, seqpipe=None, steps=range(STEPS), load=None, save=None):
     from seqpipe_ds import parallel
     from seqpipe_ds.model import gpt_pipeline
     topo = parallel.initialize(tensor_parallel_size=case.get("tp", 1), pipeline_parallel_size=case.get("pp", 1))
-    model = gpt_pipeline(tiny_config(), topo, seed=11)
+    model = gpt_pipeline(tiny_config(**case.get("model", {})), topo, seed=11)  # "model": GPTConfig options
     engine, optimizer, _, _ = seqpipe_ds.initialize(model=model, model_parameters=model.parameters(),
                                                     config=ds_config(case, seqpipe))
     grads = []
@@ -96,3 +104,26 @@ def merge(rank_results):
             "grads": [{k: v for r in reporting for k, v in r["grads"][s].items()}
                       for s in range(len(reporting[0]["grads"]))],
             "params": {k: v for r in reporting for k, v in r["params"].items()}}
+
+
+def run_layouts(layouts, train_many_fn=None, timeout=900):
+    """Runs every layout's runs on its world size, and each case's single-process reference.
+
+    ``layouts``: {name: (world size, [(case, [seqpipe section or None, ...]), ...])}. Returns
+    {(name, case index): {variant index: per-rank results, "reference": [the reference's result]}}.
+    """
+    import launcher
+    train_many_fn = train_many_fn or train_many
+    out, references = {}, []
+    for name, (world, cases) in layouts.items():
+        runs = [(case, variant) for case, variants in cases for variant in variants]
+        per_rank = launcher.run(train_many_fn, world, timeout=timeout, runs=runs)
+        by_run = iter([rank[i] for rank in per_rank] for i in range(len(runs)))
+        for c, (case, variants) in enumerate(cases):
+            out[name, c] = {v: next(by_run) for v in range(len(variants))}
+            references.append(((name, c), reference_case(case)))
+    reference_runs = launcher.run(train_many_fn, 1, timeout=300, runs=[(r, None) for _, r in references])[0]
+    for (key, _), result in zip(references, reference_runs):
+        out[key]["reference"] = [result]
+    return out
+

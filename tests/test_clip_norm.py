@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import engine_cases
-import launcher
 from common import RTOL, assert_close, rel_err
 from seqpipe_ds.schedules import SCHEDULES
 from test_model_options import LLAMA
@@ -79,26 +78,15 @@ def _recording(initialize, norms, direct, **kwargs):
     return (engine, *rest)
 
 
-def _reference_case(case):
-    ref = {k: v for k, v in case.items() if k not in ("pp", "tp", "dp")}
-    ref["gas"] = case.get("gas", 1) * case.get("dp", 1)
-    return ref
-
-
 @pytest.fixture(scope="module")
 def results():
     """{(layout, case index): {"reference": ..., variant index: ...}}; "norms" holds every rank's list."""
-    out, references = {}, []
-    for name, (world, cases) in LAYOUTS.items():
-        runs = [(case, variant) for case, variants in cases for variant in variants]
-        per_rank = launcher.run(train_recording_norms, world, timeout=420, runs=runs)
-        merged = iter({**engine_cases.merge([rank[i] for rank in per_rank]),
-                       "norms": [rank[i]["reported"] for rank in per_rank]} for i in range(len(runs)))
-        for c, (case, variants) in enumerate(cases):
-            out[name, c] = {v: next(merged) for v in range(len(variants))}
-            references.append(((name, c), _reference_case(case)))
-    ref_runs = launcher.run(train_recording_norms, 1, timeout=300, runs=[(r, None) for _, r in references])[0]
-    for (key, _), ref in zip(references, ref_runs):
+    raw = engine_cases.run_layouts(LAYOUTS, train_recording_norms, timeout=420)
+    out = {}
+    for key, runs in raw.items():
+        (ref,) = runs.pop("reference")
+        out[key] = {v: {**engine_cases.merge(per_rank), "norms": [r["reported"] for r in per_rank]}
+                    for v, per_rank in runs.items()}
         out[key]["reference"] = {**engine_cases.merge([ref]), "norms": ref["reported"], "direct": ref["direct"]}
     return out
 

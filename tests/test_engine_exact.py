@@ -7,7 +7,6 @@ and the final parameters must agree at fp32 relative error <= 1e-5, under every 
 import pytest
 
 import engine_cases
-import launcher
 from common import RTOL, assert_close
 from engine_cases import merge as _merge
 
@@ -39,28 +38,13 @@ LAYOUTS = {
 }
 
 
-def _reference_case(case):
-    """Single process: the same micro-batches, all on one rank."""
-    ref = {k: v for k, v in case.items() if k not in ("pp", "tp", "dp")}
-    ref["gas"] = case.get("gas", 1) * case.get("dp", 1)
-    return ref
-
-
 @pytest.fixture(scope="module")
 def results():
-    """{(layout, case index): {"reference": ..., "stock": ..., variant index: ...}}"""
-    out, references = {}, []
-    for name, (world, cases) in LAYOUTS.items():
-        runs = [(case, sp) for case, variants in cases for sp in [None, *variants]]
-        per_rank = launcher.run(engine_cases.train_many, world, timeout=900, runs=runs)
-        merged = iter(_merge([rank[i] for rank in per_rank]) for i in range(len(runs)))
-        for c, (case, variants) in enumerate(cases):
-            out[name, c] = {"stock": next(merged), **{v: next(merged) for v in range(len(variants))}}
-            references.append(((name, c), _reference_case(case)))
-    ref_runs = launcher.run(engine_cases.train_many, 1, timeout=300, runs=[(r, None) for _, r in references])[0]
-    for (key, _), ref in zip(references, ref_runs):
-        out[key]["reference"] = _merge([ref])
-    return out
+    """{(layout, case index): {"reference": ..., "stock": ..., variant index: ...}}, merged over ranks."""
+    raw = engine_cases.run_layouts({name: (world, [(case, [None, *variants]) for case, variants in cases])
+                                    for name, (world, cases) in LAYOUTS.items()})
+    return {key: {"reference": _merge(runs.pop("reference")), "stock": _merge(runs.pop(0)),
+                  **{v - 1: _merge(r) for v, r in runs.items()}} for key, runs in raw.items()}
 
 
 PARAMS = [pytest.param(name, c, v, id=f"{name}-case{c}-{v}") for name, (_, cases) in LAYOUTS.items()
@@ -71,14 +55,9 @@ PARAMS = [pytest.param(name, c, v, id=f"{name}-case{c}-{v}") for name, (_, cases
 @pytest.mark.parametrize("layout,case,variant", PARAMS)
 def test_matches_reference_and_stock(results, layout, case, variant):
     runs = results[layout, case]
-    settings = LAYOUTS[layout][1][case][0]
     what = f"{layout} case {case} {'stock' if variant == 'stock' else LAYOUTS[layout][1][case][1][variant]}"
-    if not settings.get("clip"):
-        # With clipping, stock DeepSpeed 0.19.8 itself departs from one process: its fp32
-        # clip_grad_norm_ leaves the non-TP parameters of stages > 0 out of the norm (they are not
-        # "model parallel rank 0" in the pipeline grid). seqpipe inherits that, so clipped runs are
-        # held to stock DeepSpeed only.
-        _compare(runs[variant], runs["reference"], RTOL, what + " vs single process")
+    # Clipped runs too: patches/clip_norm.py gives stock DeepSpeed and seqpipe the true global norm.
+    _compare(runs[variant], runs["reference"], RTOL, what + " vs single process")
     if variant != "stock":
         _compare(runs[variant], runs["stock"], RTOL, what + " vs stock DeepSpeed")
 
