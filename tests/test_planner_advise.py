@@ -111,3 +111,22 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["advise", "--model-preset", "gpt3-1b", "--cluster", str(tmp_path / "none.json"),
                  "--global-batch-size", "2"]) == 1
     assert "cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_cli_advise_with_a_profiled_latency_model(tmp_path, capsys):
+    from test_planner_fit import synthetic_profile
+    profile, model, path = tmp_path / "profile.json", tmp_path / "model.json", tmp_path / "cluster.json"
+    profile.write_text(json.dumps(synthetic_profile(noise=0.0)))  # TP 1, 2 layers, hidden 64, seq 256
+    assert main(["fit", str(profile), "--out", str(model)]) == 0
+    path.write_text(json.dumps({"name": "tiny", "nodes": 2, "gpus_per_node": 2, "gpu": "V100", "gpu_memory": "1GiB",
+                                "reserved": "0GiB", "intra_node": {"bandwidth": "100GB/s", "latency": 5e-6},
+                                "inter_node": {"bandwidth": "10Gbit/s", "latency": 2e-5}}))
+    capsys.readouterr()
+    assert main(["advise", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--vocab-size",
+                 "128", "--seq-length", "64", "--cluster", str(path), "--global-batch-size", "4", "--granularity", "16",
+                 "--latency-model", str(model)]) == 0
+    printed = capsys.readouterr().out
+    assert "device model: profile of synthetic at TP 1" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert rows and all(row.startswith("| 1 |") for row in rows)  # only the profiled TP size

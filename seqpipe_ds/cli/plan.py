@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["auto", *SCHEDULES], default="auto")
     p.add_argument("--zero-stage", type=int, choices=[0, 1], default=0)
     p.add_argument("--local-moves", action="store_true", help="also refine slicings by local moves (slower)")
+    p.add_argument("--latency-model", help="a profile of this cluster's GPU (seqpipe-plan fit) instead of the "
+                                           "FLOP-rate model; only its TP size is then considered")
     p.add_argument("--top", type=int, default=10, help="rows of the table")
     p.add_argument("--plan-file", help="write the winner's plan here (dp_results.json)")
 
@@ -333,10 +335,17 @@ def _advise(args) -> None:
     cluster = advisor.load_cluster(args.cluster)
     schedules = SCHEDULE_NAMES if args.schedule == "auto" else [args.schedule]
     start = time.perf_counter()
+    costs_for, tp_sizes, device = None, None, f"FLOP rate of {cluster.gpu.name}"
+    if args.latency_model:
+        found = read_model_file(args.latency_model)
+        tp_sizes, device = [found.config["tp"]], f"profile of {found.device} at TP {found.config['tp']}"
+        costs_for = lambda tp, pp, dp: advisor.profiled_costs(found.model, found.config["num_layers"], model,  # noqa: E731
+                                                              cluster, tp, pp, dp, found.config.get("dtype_bytes", 2))
     advice = advisor.advise(model, cluster, args.global_batch_size, args.granularity, schedules, args.zero_stage,
-                            local_moves=args.local_moves, progress=lambda what: print(f"  planning {what}", flush=True))
+                            costs_for, args.local_moves, lambda what: print(f"  planning {what}", flush=True),
+                            tp_sizes)
     print(f"{len(advice.ranked)} configurations fit, {len(advice.rejected)} do not "
-          f"({time.perf_counter() - start:.1f} s); device model: FLOP rate of {cluster.gpu.name}")
+          f"({time.perf_counter() - start:.1f} s); device model: {device}")
     print(advisor.table(advice, args.top))
     unsliced = advisor.best_unsliced_overall(advice)
     best = advice.ranked[0]

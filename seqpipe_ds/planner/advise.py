@@ -34,7 +34,7 @@ import numpy as np
 
 from ..slicing import SlicePlan
 from .memory_model import MemoryModel, analytic_bytes_per_token, parse_bytes, stage_parameters
-from .search import SCHEDULE_NAMES, Candidate, StageCosts, evaluate, search
+from .search import SCHEDULE_NAMES, Candidate, NoFit, StageCosts, evaluate, search
 
 
 @dataclass(frozen=True)
@@ -137,30 +137,56 @@ def _field(model, name, default=None):
     return model.get(name, default) if isinstance(model, Mapping) else getattr(model, name, default)
 
 
+def _ring_allreduce(nbytes, peers: int, link: Link):
+    # 2 (n - 1) / n of the data over each link, 2 (n - 1) latency-bound steps.
+    return 0.0 if peers == 1 else 2 * (peers - 1) / peers * nbytes / link.bandwidth + 2 * (peers - 1) * link.latency
+
+
+def _stage_layers(model, pp: int) -> List[int]:
+    layers = _field(model, "num_layers")
+    return [layers // pp + (s < layers % pp) for s in range(pp)]
+
+
 def flop_rate_costs(model, cluster: Cluster, tp: int, pp: int, dp: int, dtype_bytes: int = 2) -> StageCosts:
     """Stage costs of one pipeline replica from the GPU's FLOP rate and the cluster's links."""
-    h, layers, vocab = _field(model, "hidden_size"), _field(model, "num_layers"), _field(model, "vocab_size")
-    gpu = cluster.gpu
-    per_stage = [layers // pp + (s < layers % pp) for s in range(pp)]
+    h, vocab = _field(model, "hidden_size"), _field(model, "vocab_size")
+    gpu, per_stage = cluster.gpu, _stage_layers(model, pp)
 
     def rate(rows):
         return gpu.peak_flops * gpu.efficiency * rows / (rows + gpu.half_rows)
-
-    def allreduce(nbytes, peers, link):
-        # Ring all-reduce: 2 (n - 1) / n of the data over each link, 2 (n - 1) latency-bound steps.
-        return 0.0 if peers == 1 else 2 * (peers - 1) / peers * nbytes / link.bandwidth + 2 * (peers - 1) * link.latency
 
     def compute(stage, b, l, c):
         b, l, c = (np.asarray(v, dtype=float) for v in (b, l, c))
         rows = b * l
         forward = (24 * rows * h * h + 4 * rows * (c + l / 2) * h) / tp
-        layer = 3 * forward / rate(rows) + gpu.launch_overhead + 4 * allreduce(rows * h * dtype_bytes, tp,
-                                                                             cluster.intra_node)
+        layer = (3 * forward / rate(rows) + gpu.launch_overhead
+                 + 4 * _ring_allreduce(rows * h * dtype_bytes, tp, cluster.intra_node))
         time = per_stage[stage] * layer
         if stage == pp - 1:  # LM head (vocab-parallel) and the loss
             time = time + 3 * 2 * rows * h * vocab / tp / rate(rows)
         return time
 
+    return _with_links(model, cluster, tp, pp, dp, compute, 1 / 3, dtype_bytes)
+
+
+def profiled_costs(latency_model, profiled_layers: int, model, cluster: Cluster, tp: int, pp: int, dp: int,
+                   dtype_bytes: int = 2) -> StageCosts:
+    """Stage costs from a profile of this device (``seqpipe-plan fit``), measured at one TP size: its
+    layers' time scaled to each stage's layers (TP all-reduces included, they ran in the profile),
+    its embedding / head ends, its forward share; the cluster's links for sends and DP."""
+    per_stage = _stage_layers(model, pp)
+
+    def compute(stage, b, l, c):
+        layers = latency_model.compute_time(b, l, c) * per_stage[stage] / profiled_layers
+        return layers + latency_model.stage_compute(b, l, c, stage == 0, stage == pp - 1) - \
+            latency_model.compute_time(b, l, c)
+
+    return _with_links(model, cluster, tp, pp, dp, compute, latency_model.forward_fraction, dtype_bytes)
+
+
+def _with_links(model, cluster, tp, pp, dp, compute, forward_fraction, dtype_bytes) -> StageCosts:
+    """Adds the sends between stages and the step (DP gradient all-reduce + Adam) to ``compute``."""
+    h = _field(model, "hidden_size")
     # Megatron's rank order (TP fastest, then DP, then PP): a stage is tp * dp consecutive GPUs, so some
     # stage boundary crosses nodes as soon as the pipeline spans more than one node.
     crosses = pp > 1 and tp * dp * pp > cluster.gpus_per_node
@@ -174,8 +200,9 @@ def flop_rate_costs(model, cluster: Cluster, tp: int, pp: int, dp: int, dtype_by
     dp_link = cluster.inter_node if tp * dp > cluster.gpus_per_node else cluster.intra_node
     dp_share = cluster.gpus_per_node if dp_link is cluster.inter_node else 1
     # Adam over fp32 master states streams ~16 bytes per parameter in and out of HBM; taken at 1 TB/s.
-    step = allreduce(params * dtype_bytes * dp_share, dp, dp_link) + params * 32 / 1e12
-    return StageCosts(stages=pp, compute=compute, send=send, step=step, hidden_size=h)
+    step = _ring_allreduce(params * dtype_bytes * dp_share, dp, dp_link) + params * 32 / 1e12
+    return StageCosts(stages=pp, compute=compute, send=send, forward_fraction=forward_fraction, step=step,
+                      hidden_size=h)
 
 
 def model_flops(model, global_batch: int) -> float:
@@ -211,14 +238,14 @@ class Advice:
     rejected: List[Configuration] = field(default_factory=list)  # (TP, PP, DP) that do not fit
 
 
-def factorisations(model, cluster: Cluster, global_batch: int) -> List[tuple]:
+def factorisations(model, cluster: Cluster, global_batch: int, tp_sizes: Optional[List[int]] = None) -> List[tuple]:
     """(TP, PP, DP) using every GPU: TP inside a node and dividing the heads (and the vocabulary),
-    PP at most the layers, DP dividing the global batch."""
+    PP at most the layers, DP dividing the global batch; TP among ``tp_sizes`` if given."""
     heads, layers = _field(model, "num_attention_heads"), _field(model, "num_layers")
     vocab, n = _field(model, "vocab_size"), cluster.gpus
     found = []
     for tp in range(1, cluster.gpus_per_node + 1):
-        if cluster.gpus_per_node % tp or heads % tp or vocab % tp:
+        if cluster.gpus_per_node % tp or heads % tp or vocab % tp or (tp_sizes and tp not in tp_sizes):
             continue
         for pp in range(1, layers + 1):
             if n % (tp * pp) == 0 and global_batch % (n // (tp * pp)) == 0:
@@ -227,15 +254,17 @@ def factorisations(model, cluster: Cluster, global_batch: int) -> List[tuple]:
 
 
 def advise(model, cluster: Cluster, global_batch: int, granularity: int = 128, schedules=SCHEDULE_NAMES,
-           zero_stage: int = 0, costs_for=None, local_moves: bool = False, progress=None) -> Advice:
-    """Ranks every admissible (TP, PP, DP); ValueError if none fits the GPUs' memory."""
+           zero_stage: int = 0, costs_for=None, local_moves: bool = False, progress=None,
+           tp_sizes: Optional[List[int]] = None) -> Advice:
+    """Ranks every admissible (TP, PP, DP); ValueError if none fits the GPUs' memory. ``costs_for(tp, pp,
+    dp)`` gives a configuration's StageCosts (default: the cluster GPU's FLOP-rate model)."""
     seq = _field(model, "seq_length")
     if global_batch < 1:
         raise ValueError(f"global batch must be >= 1, got {global_batch}")
     if seq % granularity:
         raise ValueError(f"sequence length {seq} is not a multiple of the granularity {granularity}")
     costs_for = costs_for or (lambda tp, pp, dp: flop_rate_costs(model, cluster, tp, pp, dp))
-    candidates = factorisations(model, cluster, global_batch)
+    candidates = factorisations(model, cluster, global_batch, tp_sizes)
     if not candidates:
         raise ValueError(f"no TP x PP x DP of {cluster.gpus} GPUs suits this model and batch {global_batch}: TP must "
                          f"divide {cluster.gpus_per_node} GPUs per node and the heads, DP the global batch")
@@ -268,9 +297,8 @@ def _plan_config(model, cluster, global_batch, tp, pp, dp, granularity, schedule
         return config
     try:
         result = search(costs, batch, seq, granularity, schedules, memory, cluster.gpu_memory, local_moves=local_moves)
-    except ValueError as e:
-        config.note = str(e)
-        config.smallest_peak = _smallest_peak(costs, memory, batch, seq, schedules)
+    except NoFit as e:
+        config.note, config.smallest_peak = str(e), e.smallest.peak
         return config
     config.best = result.best
     config.unsliced = _best_unsliced(costs, memory, batch, seq, cluster.gpu_memory)
@@ -281,16 +309,15 @@ def _plan_config(model, cluster, global_batch, tp, pp, dp, granularity, schedule
 def _unsliced_candidates(costs, memory, batch, seq):
     """Micro-batch-only pipelining: 1F1B (slice-1f1b with one slice) over every micro-batch size."""
     for mb in (m for m in range(1, batch + 1) if batch % m == 0):
-        yield evaluate(costs, "slice-1f1b", batch // mb, SlicePlan((mb,), ((seq,),)), memory, "unsliced 1F1B")
+        try:
+            yield evaluate(costs, "slice-1f1b", batch // mb, SlicePlan((mb,), ((seq,),)), memory, "unsliced 1F1B")
+        except ValueError:  # a micro-batch the latency model cannot time (outside a profile's batch sizes)
+            continue
 
 
 def _best_unsliced(costs, memory, batch, seq, limit) -> Optional[Candidate]:
     fitting = [c for c in _unsliced_candidates(costs, memory, batch, seq) if c.peak <= limit]
     return min(fitting, key=lambda c: c.makespan, default=None)
-
-
-def _smallest_peak(costs, memory, batch, seq, schedules) -> float:
-    return min(c.peak for c in _unsliced_candidates(costs, memory, batch, seq))
 
 
 def describe_slicing(candidate: Candidate) -> str:

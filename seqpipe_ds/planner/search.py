@@ -37,6 +37,14 @@ _UNIFORM_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 _CLIMB_STARTS = 3  # best candidates per (schedule, micro-batch size) that local moves start from
 
 
+class NoFit(ValueError):
+    """No candidate fits the memory limit; ``smallest`` is the candidate with the least peak."""
+
+    def __init__(self, message: str, smallest: "Candidate"):
+        super().__init__(message)
+        self.smallest = smallest
+
+
 @dataclass(frozen=True)
 class StageCosts:
     """What a slice costs on each stage, in seconds.
@@ -256,9 +264,9 @@ def search(costs: StageCosts, batch_size: int, seq_len: int, granularity: int,
     smallest = min(ranked, key=lambda c: c.peak)
     fitting = [c for c in ranked if fits(c)]
     if not fitting:
-        raise ValueError(f"no plan fits the memory limit of {format_bytes(memory_limit)} per stage: the smallest "
-                         f"peak found is {format_bytes(smallest.peak)} ({smallest.describe()}; model states "
-                         f"{format_bytes(max(memory.static_bytes))})")
+        raise NoFit(f"no plan fits the memory limit of {format_bytes(memory_limit)} per stage: the smallest "
+                    f"peak found is {format_bytes(smallest.peak)} ({smallest.describe()}; model states "
+                    f"{format_bytes(max(memory.static_bytes))})", smallest)
     return SearchResult(best=fitting[0], evaluated=len(seen), smallest_peak=smallest, fitting=len(fitting),
                         candidates=fitting)
 
