@@ -91,7 +91,8 @@ def main():
     train_set, valid_set, _ = build_datasets(args.data_path or embedded_corpus_prefix(tokenizer), tokenizer,
                                              args.seq_length, args.split, megatron_args.num_samples(args), args.seed)
 
-    model = gpt_pipeline(megatron_args.gpt_config(args, vocab_size), topology, seed=args.seed)
+    model = gpt_pipeline(megatron_args.gpt_config(args, vocab_size), topology, seed=args.seed,
+                         activation_checkpoint_interval=megatron_args.activation_checkpoint_interval(args))
     ds_config = megatron_args.deepspeed_config(args)
     args.deepspeed_config = None  # the merged config goes in as config=; DeepSpeed refuses both
     engine, _, _, _ = seqpipe_ds.initialize(

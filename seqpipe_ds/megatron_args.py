@@ -22,7 +22,8 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine")
 _POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings",
              "micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
              "pipeline_model_parallel_size", "train_iters", "log_interval", "eval_interval", "save_interval",
-             "ffn_hidden_size", "num_query_groups", "rotary_base", "norm_epsilon", "init_method_std")
+             "ffn_hidden_size", "num_query_groups", "rotary_base", "norm_epsilon", "init_method_std",
+             "recompute_num_layers")
 
 
 def build_parser():
@@ -51,6 +52,16 @@ def build_parser():
     model.add_argument("--attention-dropout", type=float, default=0.1)
     model.add_argument("--hidden-dropout", type=float, default=0.1)
     model.add_argument("--init-method-std", type=float, default=0.02)
+    model.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                       help="full: recompute whole transformer layers in the backward (DeepSpeed's activation "
+                            "checkpointing; stock pipelining only so far, seqpipe rejects it); selective: not "
+                            "implemented")
+    model.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                       help="uniform: every --recompute-num-layers pipeline layers form one recomputed chunk "
+                            "(chunks holding the embedding or output layer are kept); block: not implemented")
+    model.add_argument("--recompute-num-layers", type=int, default=1)
+    model.add_argument("--recompute-activations", action="store_true",
+                       help="Megatron-LM's alias of --recompute-granularity selective (not implemented)")
     model.add_argument("--use-flash-attn", action="store_true",
                        help="attention already uses torch's flash kernel where CUDA has one for the dtype; a no-op "
                             "(with a notice) on CPU")
@@ -188,11 +199,33 @@ def _validate_model_options(args):
         if args.seq_length % tp:
             raise ValueError(f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
                              f"--tensor-model-parallel-size {tp}")
+    _validate_recompute(args)
     for name in ("attention_dropout", "hidden_dropout"):
         if not 0 <= getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(args, name)}")
     if not 0 < args.rotary_percent <= 1:
         raise ValueError(f"--rotary-percent must lie in (0, 1], got {args.rotary_percent}")
+
+
+def _validate_recompute(args):
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"  # as Megatron-LM's validate_args does
+    if args.recompute_granularity == "selective":
+        raise ValueError("--recompute-granularity selective (recomputing the attention core) is not implemented; "
+                         "use --recompute-granularity full --recompute-method uniform")
+    if args.recompute_granularity == "full":
+        if args.recompute_method is None:
+            raise ValueError("--recompute-granularity full needs --recompute-method (uniform)")
+        if args.recompute_method == "block":
+            raise ValueError("--recompute-method block (recompute the first N layers of each stage) has no "
+                             "counterpart in DeepSpeed's activation checkpointing; use uniform")
+    elif args.recompute_method is not None:
+        raise ValueError("--recompute-method needs --recompute-granularity full")
+
+
+def activation_checkpoint_interval(args):
+    """Megatron's full/uniform recomputation as DeepSpeed's activation_checkpoint_interval (0: off)."""
+    return args.recompute_num_layers if args.recompute_granularity == "full" else 0
 
 
 def gpt_config(args, vocab_size):

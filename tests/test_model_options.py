@@ -95,7 +95,36 @@ def _compare(name, tp):
                   sliced_loss=sliced_loss, sliced_grads=_grads(ours))
     if tp > 1 and name in SEQUENCE_PARALLEL:
         result["sp"] = _sequence_parallel(ours, batch)
+    if tp == 1 and name == "llama":
+        result["recompute"] = _recompute(ours, batch)
     return result
+
+
+def _recompute(ours, batch):
+    """DeepSpeed's full recomputation (activation_checkpoint_interval 1, transformer layers) of the
+    unsliced model: loss, gradients and the peak bytes saved for backward; and seqpipe's set-up
+    check, which rejects it for now."""
+    import seqpipe_ds
+    from seqpipe_ds import parallel
+    from seqpipe_ds.memory import SavedTensorMeter
+    from seqpipe_ds.model import gpt_pipeline
+    out = {}
+    for interval in (0, 1):
+        module = gpt_pipeline(ours.gpt_config, parallel.initialize(), seed=5, activation_checkpoint_interval=interval)
+        module.load_state_dict(ours.state_dict(), strict=True)
+        module._precompute_checkpointable_values()  # DeepSpeed's pipeline engine does it at set-up
+        meter = SavedTensorMeter(module.parameters())
+        with meter.hooks():
+            loss = _run_whole(module, batch)
+        out[interval] = loss, _grads(module), meter.peak
+    config = {"train_micro_batch_size_per_gpu": BATCH, "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+              "seqpipe": {"enabled": True, "seq_length": SEQ, "seq_slices": 2}}
+    try:
+        seqpipe_ds.resolve_plan(config, module)
+        out["seqpipe"] = "no error"
+    except ValueError as e:
+        out["seqpipe"] = str(e)
+    return out
 
 
 def _sequence_parallel(ours, batch):
@@ -180,6 +209,18 @@ def test_sequence_parallel_tp2(tp2, name):
         assert_close(sp["sliced_without"][1], result[name]["grads"], what=f"{what} even slices vs whole")
         assert sp["odd_slices_error"] == ("seqpipe: sequence parallelism splits every slice over the 2 TP ranks, but "
                                           "slice length(s) [11, 13] are not divisible by 2")
+
+
+@pytest.mark.timeout(200)
+def test_full_recomputation_llama_style(tp1):
+    runs = tp1["llama"]["recompute"]
+    (loss, grads, saved), (recomputed_loss, recomputed_grads, recomputed_saved) = runs[0], runs[1]
+    assert_close({"loss": recomputed_loss}, {"loss": loss}, what="recomputed loss")
+    assert_close(recomputed_grads, grads, what="recomputed gradients")
+    assert_close(grads, tp1["llama"]["grads"], what="the reloaded model")
+    # Only the inputs of the 4 transformer layers stay saved, not their insides.
+    assert recomputed_saved < saved / 2, (recomputed_saved, saved)
+    assert "recomputation would re-enter the KV cache" in runs["seqpipe"]
 
 
 @pytest.mark.timeout(30)

@@ -31,10 +31,15 @@ def gpt_layer_specs(config: GPTConfig):
 def gpt_pipeline(config: GPTConfig, topology: ProcessTopology, seed: int = 1234,
                  activation_checkpoint_interval: int = 0) -> PipelineModule:
     """Builds this rank's stage. Layers are seeded by their index (``seed_layers``), so the
-    weights do not depend on how many stages or TP ranks share the model."""
+    weights do not depend on how many stages or TP ranks share the model.
+
+    ``activation_checkpoint_interval`` > 0 recomputes chunks of that many pipeline layers in the
+    backward (DeepSpeed's activation checkpointing); as in Megatron only transformer layers are
+    recomputed, a chunk holding the embedding or the output layer is kept."""
     module = PipelineModule(layers=gpt_layer_specs(config), loss_fn=GPTLoss(), topology=topology,
-                          partition_method="type:TransformerLayer", seed_layers=True, base_seed=seed,
-                          seed_fn=_seed_layer, activation_checkpoint_interval=activation_checkpoint_interval)
+                            partition_method="type:TransformerLayer", seed_layers=True, base_seed=seed,
+                            seed_fn=_seed_layer, activation_checkpoint_interval=activation_checkpoint_interval,
+                            checkpointable_layers=[TransformerLayer.__name__])
     # Seeding by layer is for initialisation only. Left on, PipelineModule.forward re-seeds the
     # generator before every layer of every call (a torch.manual_seed each, milliseconds on CPU),
     # which with slicing would run once per slice.
