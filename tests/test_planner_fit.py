@@ -120,3 +120,40 @@ def test_heldout_check_leaves_the_fit_enough_context_points():
 def test_too_few_context_points_is_an_error():
     with pytest.raises(ValueError, match="needs at least 4"):
         fit_profile(synthetic_profile(context_samples=3))
+
+
+def _adaptive_run(no_context, context_samples=48, noise=0.0):
+    """The adaptive profile's point selection on a synthetic stage (no torch): which points it measures."""
+    from tqdm import tqdm
+
+    from seqpipe_ds.planner.profile import ProfileSpec, _adaptive, _Bench
+    spec = ProfileSpec(num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=256,
+                       micro_batch_size=1, granularity=8, context_samples=context_samples, warmup=0, repeats=3,
+                       adaptive=True)
+    rng = np.random.default_rng(0)
+    a0, a1, a2, a3 = TRUE_CONTEXT
+
+    def time_point(point):
+        b, l, c = point
+        t = no_context(b, l) + (c > 0) * (a0 + a1 * b * l + a2 * b * c + a3 * b * l * c)
+        t *= 1 + noise * rng.standard_normal()
+        return t, t / 3
+
+    bench = _Bench(spec, time_point, tqdm(total=0, disable=True))
+    report = _adaptive(spec, bench)
+    return bench.rows, report
+
+
+@pytest.mark.timeout(60)
+def test_adaptive_profile_measures_few_points_where_the_line_is_straight():
+    straight, report = _adaptive_run(lambda b, l: 1e-3 + 2e-5 * b * l)
+    lengths = sorted(l for b, l, c in straight if c == 0)
+    # 1, 2, 4, ... 32 units; every midpoint lies on the line, so no gap is bisected further.
+    assert {8, 16, 32, 64, 128, 256} <= set(lengths) and len(lengths) == 6 + 4  # + one midpoint per gap
+    assert max(report["length_midpoint_errors"]) < 1e-9
+    assert len([p for p in straight if p[2] > 0]) <= 24 and report["context_round_errors"][-1] < 0.03
+    # A cliff (cost per token jumps below 64 tokens) makes it bisect where the line is off.
+    cliff, _ = _adaptive_run(lambda b, l: 1e-3 + 2e-5 * b * l * (3 if l < 64 else 1))
+    assert len([p for p in cliff if p[2] == 0]) > len(lengths)
+    report = fit_profile({"config": {"hidden_size": 64}, "compute": list(straight.values())})
+    assert report.heldout_max_error < 0.01

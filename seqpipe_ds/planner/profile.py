@@ -14,7 +14,8 @@ points with context), or, with ``adaptive``, as few as the fit needs: lengths 1,
 first, then the midpoint of every gap whose measured midpoint is more than ``tolerance`` off the
 straight line between its ends (bisected until it is not); context points in rounds, each round
 first predicted by a fit of the earlier ones, until a round is predicted within ``tolerance``
-(or ``context_samples`` are spent). The errors seen are kept in the profile (``adaptive``).
+(or ``context_samples`` are spent). On a noisy machine a point off by no more than the spread of its
+own repeats counts as predicted: more points would fit the noise, not the model. The errors seen are kept in the profile (``adaptive``).
 
 Run in an initialised process group (``bind_device()``, then ``seqpipe_ds.parallel.initialize(tp)``
 with a timeout longer than the profile): the TP group of rank 0 measures the stage together,
@@ -150,6 +151,11 @@ class _Bench:
     def time(self, point: Point) -> float:
         return self.rows[point]["time"]
 
+    def spread(self, point: Point) -> float:
+        """(max - min) / median of the point's repeats: how far apart this machine's own runs are."""
+        samples = self.rows[point]["samples"]
+        return (max(samples) - min(samples)) / self.rows[point]["time"]
+
 
 def run_profile(spec: ProfileSpec, progress: bool = True) -> Dict:
     """Collective over the process group; the returned profile is complete on rank 0."""
@@ -212,7 +218,7 @@ def _adaptive(spec: ProfileSpec, bench: _Bench) -> Dict:
             line = ends[0] + (ends[1] - ends[0]) * (mid - lo) / (hi - lo)
             error = abs(line - bench.time((b, g * mid, 0))) / bench.time((b, g * mid, 0))
             length_errors.append(error)
-            if error > spec.tolerance:
+            if error > max(spec.tolerance, bench.spread((b, g * mid, 0))):
                 split += [(b, l, h) for l, h in ((lo, mid), (mid, hi)) if h - l > 1]
         gaps = split
     from .fit import fit_compute  # the fit's own model judges whether more context points are needed
@@ -233,7 +239,7 @@ def _adaptive(spec: ProfileSpec, bench: _Bench) -> Dict:
             predicted = trial.compute_time(*np.array(new, dtype=float).T)
             measured = np.array([bench.time(p) for p in new])
             context_errors.append(float(np.mean(np.abs(predicted - measured) / measured)))
-            if context_errors[-1] <= spec.tolerance:
+            if context_errors[-1] <= max(spec.tolerance, float(np.median([bench.spread(p) for p in new]))):
                 break
     return {"length_midpoint_errors": length_errors, "context_round_errors": context_errors}
 
