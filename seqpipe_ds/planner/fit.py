@@ -9,7 +9,8 @@ A slice of b sequences, l tokens, after c tokens of context costs
 * The context term is the paper's linear model, scaled by b because every cost in it is per
   sequence: a2 reading the cached K/V, a3 the attention scores of new against cached tokens, and
   a0/a1 the step from the plain causal kernel to the cached-context path. It is fitted by least
-  squares on relative residuals, since the plan cares about every slice alike, short or long.
+  squares on relative residuals, since the plan cares about every slice alike, short or long,
+  with every coefficient >= 0 (each is a cost; noise must not make context cheaper).
 * send is latency + bytes / bandwidth, fitted the same way; a slice sends its activations forward
   and its gradients back, hence the 2.
 
@@ -217,7 +218,7 @@ def _fit_compute(b, l, c, t, shared: Dict) -> LatencyModel:
     if not np.isfinite(residual).all():
         raise ValueError("measurements with context lie outside the measured no-context lengths or batch sizes")
     features = np.stack([np.ones_like(bc), bc * lc, bc * cc, bc * lc * cc], axis=1)
-    coef = _relative_lstsq(features, residual, tc)
+    coef = _relative_nnls(features, residual, tc)
     return LatencyModel(batch_sizes=base.batch_sizes, lengths=lengths, no_context=no_context,
                         context_coef=[float(v) for v in coef], **shared)
 
@@ -243,6 +244,18 @@ def _fit_send(rows: List[Dict]) -> Tuple[List[float], Optional[float]]:
     coef = _relative_lstsq(np.stack([np.ones_like(size), size], axis=1), t, t)
     error = np.abs(coef[0] + coef[1] * size - t) / t
     return [float(v) for v in coef], float(error.mean())
+
+
+def _relative_nnls(features: np.ndarray, target: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``_relative_lstsq`` with every coefficient >= 0: each context term is a cost, and on a noisy
+    machine an unconstrained fit can make slices with context cheaper than without, or negative
+    (then no plan can be solved). Columns are normalised first, as NNLS is not scale invariant."""
+    from scipy.optimize import nnls
+    weighted = features / scale[:, None]
+    norms = np.linalg.norm(weighted, axis=0)
+    norms[norms == 0] = 1.0
+    coef, _ = nnls(weighted / norms, target / scale)
+    return coef / norms
 
 
 def _relative_lstsq(features: np.ndarray, target: np.ndarray, scale: np.ndarray) -> np.ndarray:
