@@ -10,7 +10,7 @@ A Llama-style model takes Megatron-LM's flags for it, e.g. adding
 
         --position-embedding-type rope --swiglu --normalization RMSNorm --group-query-attention \
         --num-query-groups 4 --untie-embeddings-and-output-weights --disable-bias-linear \
-        --attention-dropout 0 --hidden-dropout 0
+        --attention-dropout 0 --hidden-dropout 0 --recompute-granularity full --recompute-method uniform
 
 (and with --tensor-model-parallel-size 2, --sequence-parallel).
 
@@ -91,8 +91,7 @@ def main():
     train_set, valid_set, _ = build_datasets(args.data_path or embedded_corpus_prefix(tokenizer), tokenizer,
                                              args.seq_length, args.split, megatron_args.num_samples(args), args.seed)
 
-    model = gpt_pipeline(megatron_args.gpt_config(args, vocab_size), topology, seed=args.seed,
-                         activation_checkpoint_interval=megatron_args.activation_checkpoint_interval(args))
+    model = gpt_pipeline(megatron_args.gpt_config(args, vocab_size), topology, seed=args.seed)
     ds_config = megatron_args.deepspeed_config(args)
     args.deepspeed_config = None  # the merged config goes in as config=; DeepSpeed refuses both
     engine, _, _, _ = seqpipe_ds.initialize(

@@ -53,15 +53,14 @@ def build_parser():
     model.add_argument("--hidden-dropout", type=float, default=0.1)
     model.add_argument("--init-method-std", type=float, default=0.02)
     model.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
-                       help="full: recompute whole transformer layers in the backward (DeepSpeed's activation "
-                            "checkpointing; stock pipelining only so far, seqpipe rejects it); selective: not "
-                            "implemented")
+                       help="recompute in the backward every transformer layer (full) or the attention core "
+                            "(selective); with seqpipe the rerun replays the slice's KV cache")
     model.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
-                       help="uniform: every --recompute-num-layers pipeline layers form one recomputed chunk "
-                            "(chunks holding the embedding or output layer are kept); block: not implemented")
+                       help="with full: uniform (with --recompute-num-layers 1: each layer); block is not "
+                            "implemented")
     model.add_argument("--recompute-num-layers", type=int, default=1)
     model.add_argument("--recompute-activations", action="store_true",
-                       help="Megatron-LM's alias of --recompute-granularity selective (not implemented)")
+                       help="Megatron-LM's alias of --recompute-granularity selective")
     model.add_argument("--use-flash-attn", action="store_true",
                        help="attention already uses torch's flash kernel where CUDA has one for the dtype; a no-op "
                             "(with a notice) on CPU")
@@ -208,24 +207,21 @@ def _validate_model_options(args):
 
 
 def _validate_recompute(args):
+    """Megatron-LM's rules for the --recompute-* flags, and what we implement of them: selective,
+    and full recomputation of each transformer layer on its own (uniform, 1 layer per chunk)."""
     if args.recompute_activations:
         args.recompute_granularity = "selective"  # as Megatron-LM's validate_args does
-    if args.recompute_granularity == "selective":
-        raise ValueError("--recompute-granularity selective (recomputing the attention core) is not implemented; "
-                         "use --recompute-granularity full --recompute-method uniform")
     if args.recompute_granularity == "full":
         if args.recompute_method is None:
             raise ValueError("--recompute-granularity full needs --recompute-method (uniform)")
         if args.recompute_method == "block":
-            raise ValueError("--recompute-method block (recompute the first N layers of each stage) has no "
-                             "counterpart in DeepSpeed's activation checkpointing; use uniform")
+            raise ValueError("--recompute-method block (recompute the first N layers of each stage) is not "
+                             "implemented; use uniform")
+        if args.recompute_num_layers != 1:
+            raise ValueError(f"--recompute-num-layers {args.recompute_num_layers}: each transformer layer is "
+                             "recomputed on its own; only 1 is implemented")
     elif args.recompute_method is not None:
         raise ValueError("--recompute-method needs --recompute-granularity full")
-
-
-def activation_checkpoint_interval(args):
-    """Megatron's full/uniform recomputation as DeepSpeed's activation_checkpoint_interval (0: off)."""
-    return args.recompute_num_layers if args.recompute_granularity == "full" else 0
 
 
 def gpt_config(args, vocab_size):
@@ -240,7 +236,8 @@ def gpt_config(args, vocab_size):
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent, sequence_parallel=args.sequence_parallel)
+        rotary_percent=args.rotary_percent, sequence_parallel=args.sequence_parallel,
+        recompute_granularity=args.recompute_granularity)
 
 
 def flash_attention_notice(args, device_type):

@@ -136,7 +136,7 @@ def test_seqpipe_and_stock_pipelining_give_the_same_loss_curve(seqpipe_run, tmp_
 
 LLAMA_STYLE = ["--position-embedding-type", "rope", "--swiglu", "--normalization", "RMSNorm", "--group-query-attention",
                "--num-query-groups", "2", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
-               "--use-flash-attn"]
+               "--use-flash-attn", "--recompute-granularity", "full", "--recompute-method", "uniform"]
 
 
 @pytest.mark.timeout(600)

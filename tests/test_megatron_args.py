@@ -72,9 +72,9 @@ def test_unknown_arguments_are_rejected_by_name(capsys):
     (["--rotary-percent", "1.5"], 1, "--rotary-percent must lie in (0, 1]"),
     (["--normalization", "LayerNorm1P"], 1, "invalid choice: 'LayerNorm1P'"),
     (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
-    (["--recompute-activations"], 1, "--recompute-granularity selective (recomputing the attention core) is not "
-                                     "implemented"),
     (["--recompute-granularity", "full"], 1, "--recompute-granularity full needs --recompute-method"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2"], 1,
+     "--recompute-num-layers 2: each transformer layer is recomputed on its own; only 1 is implemented"),
     (["--recompute-granularity", "full", "--recompute-method", "block"], 1, "--recompute-method block"),
     (["--recompute-method", "uniform"], 1, "--recompute-method needs --recompute-granularity full"),
     (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "0"], 1,
@@ -106,9 +106,10 @@ def test_model_options_keep_megatron_defaults():
     assert (args.attention_dropout, args.hidden_dropout, args.init_method_std) == (0.1, 0.1, 0.02)
     assert not args.sequence_parallel
     assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == (None, None, 1)
-    assert megatron_args.activation_checkpoint_interval(args) == 0
-    assert megatron_args.activation_checkpoint_interval(parse(
-        "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2")) == 2
+    assert megatron_args.gpt_config(args, 256).recompute_granularity is None
+    full = parse("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1")
+    assert megatron_args.gpt_config(full, 256).recompute_granularity == "full"
+    assert megatron_args.gpt_config(parse("--recompute-activations"), 256).recompute_granularity == "selective"
     assert args.ffn_hidden_size == 4 * 64
     # Without --group-query-attention, --num-query-groups is ignored, as in Megatron-LM.
     assert megatron_args.gpt_config(args, 256) == GPTConfig(

@@ -26,6 +26,9 @@ OPTIONS = {
     "gqa": dict(num_query_groups=2),
     "rope": dict(position_embedding_type="rope", rotary_base=500),
     "llama": LLAMA,
+    # Recomputation inside the model: the rerun in the backward replays the slice's KV cache.
+    "llama_recompute_full": {**LLAMA, "recompute_granularity": "full"},
+    "llama_recompute_selective": {**LLAMA, "recompute_granularity": "selective"},
 }
 # With sequence parallelism at TP 2 (tied output with biases, untied output, Llama-style): equal
 # to the same model without it, whole and sliced.
@@ -104,6 +107,8 @@ def _recompute(ours, batch):
     """DeepSpeed's full recomputation (activation_checkpoint_interval 1, transformer layers) of the
     unsliced model: loss, gradients and the peak bytes saved for backward; and seqpipe's set-up
     check, which rejects it for now."""
+    import dataclasses
+
     import seqpipe_ds
     from seqpipe_ds import parallel
     from seqpipe_ds.memory import SavedTensorMeter
@@ -124,6 +129,15 @@ def _recompute(ours, batch):
         out["seqpipe"] = "no error"
     except ValueError as e:
         out["seqpipe"] = str(e)
+    # The model's own recomputation, run sliced: peak bytes saved for backward.
+    for granularity in (None, "full", "selective"):
+        module = gpt_pipeline(dataclasses.replace(ours.gpt_config, recompute_granularity=granularity),
+                              parallel.initialize(), seed=5)
+        module.load_state_dict(ours.state_dict(), strict=True)
+        meter = SavedTensorMeter(module.parameters())
+        with meter.hooks():
+            loss = _run_sliced(module, batch)
+        out["sliced", granularity] = loss, _grads(module), meter.peak
     return out
 
 
@@ -223,6 +237,19 @@ def test_full_recomputation_llama_style(tp1):
     assert "recomputation would re-enter the KV cache" in runs["seqpipe"]
 
 
+@pytest.mark.timeout(200)
+def test_model_recomputation_with_the_kv_cache_saves_fewer_bytes(tp1):
+    """The exactness of sliced recomputation is test_option_tp1[llama_recompute_*]; here: it saves less."""
+    runs = tp1["llama"]["recompute"]
+    loss, grads, kept = runs["sliced", None]
+    for granularity in ("full", "selective"):
+        recomputed_loss, recomputed_grads, saved = runs["sliced", granularity]
+        assert_close({"loss": recomputed_loss}, {"loss": loss}, what=f"{granularity} sliced loss")
+        assert_close(recomputed_grads, grads, what=f"{granularity} sliced gradients")
+        assert saved < kept, (granularity, saved, kept)
+    assert runs["sliced", "full"][2] < kept / 2
+
+
 @pytest.mark.timeout(30)
 def test_option_parameters():
     """Each option changes the parameters it should (names and shapes); no process group needed."""
@@ -242,6 +269,7 @@ def test_option_parameters():
     (dict(position_embedding_type="alibi"), 1, "position_embedding_type 'alibi' is not one of"),
     (dict(rotary_percent=0.0), 1, r"rotary_percent 0.0 is not in \(0, 1\]"),
     (dict(sequence_parallel=True), 1, "sequence_parallel needs a tensor-parallel size > 1"),
+    (dict(recompute_granularity="block"), 1, "recompute_granularity 'block' is not one of None, 'full'"),
 ])
 def test_bad_options(overrides, tp, message):
     with pytest.raises(ValueError, match=message):

@@ -16,6 +16,7 @@ from megatron.core.transformer import TransformerConfig
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class GPTConfig:
     # Megatron's sequence parallelism: between the tensor-parallel regions each TP rank holds 1/TP
     # of the tokens, and activations there are laid out (T / TP, B, h) as in megatron-core.
     sequence_parallel: bool = False
+    # Activation recomputation, megatron-core's names: "full" recomputes every transformer layer in
+    # the backward, "selective" the attention core only; None keeps all activations.
+    recompute_granularity: Optional[str] = None
 
     @property
     def ffn_size(self) -> int:
@@ -102,6 +106,9 @@ class GPTConfig:
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             problems.append(f"position_embedding_type {self.position_embedding_type!r} is not one of "
                             f"{', '.join(POSITION_EMBEDDING_TYPES)}")
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            problems.append(f"recompute_granularity {self.recompute_granularity!r} is not one of None, 'full', "
+                            "'selective'")
         if not 0 < self.rotary_percent <= 1:
             problems.append(f"rotary_percent {self.rotary_percent} is not in (0, 1]")
         return problems

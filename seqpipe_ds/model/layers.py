@@ -3,7 +3,9 @@ tensor-parallel layers. Inputs are [batch, seq] so that slicing the sequence is 
 activations between layers are (B, T, h), or under sequence parallelism megatron-core's (T / TP, B, h)
 (each TP rank holds a contiguous 1/TP of the slice's tokens). Parameter names follow megatron-core's
 GPTModel, so weights map one to one."""
+import contextlib
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +143,7 @@ class SelfAttention(nn.Module):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.heads, self.groups = config.num_attention_heads // tp, config.query_groups // tp
         self.sequence_parallel = config.sequence_parallel
+        self.recompute_core = config.recompute_granularity == "selective"
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         # QKV rows grouped per K/V head as in megatron-core (attention.py, get_query_key_value_tensors):
@@ -165,14 +168,19 @@ class SelfAttention(nn.Module):
         cache = attention.current()
         if self.rotary is not None:
             q, k = self._rotate(q, k, cache.offset if cache is not None else 0)
-        out = attention.attend(q, k, v, cache, self.layer_number,
-                               self.dropout if self.training else 0.0)  # (B, nh, s, hd)
+        core = functools.partial(self._core, dropout=self.dropout if self.training else 0.0)
+        # (B, nh, s, hd); selective recomputation keeps only q, k, v for the core's backward
+        out = _recomputed(core, q, k, v) if self.recompute_core and torch.is_grad_enabled() else core(q, k, v)
         if self.sequence_parallel:  # linear_proj reduce-scatters (T, B, ...) to this rank's (T / TP, B, h)
             out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
         else:
             out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         out, _ = self.linear_proj(out)
         return out
+
+    def _core(self, q, k, v, dropout):
+        # The cache from the ContextVar, so that a recomputed core finds the slice it replays.
+        return attention.attend(q, k, v, attention.current(), self.layer_number, dropout)
 
     def _project(self, x):
         """(B, nh, s, hd) queries and (B, ng, s, hd) keys and values of this TP rank's heads."""
@@ -192,6 +200,23 @@ class SelfAttention(nn.Module):
         freqs = self.rotary(q.shape[2], offset=offset)[:, 0, 0]  # (s, rot_dim): megatron's (s, 1, 1, rot_dim)
         return (apply_rotary_pos_emb(q, freqs, self.rotary_config),   # (B, nh, s, hd)
                 apply_rotary_pos_emb(k, freqs, self.rotary_config))   # (B, ng, s, hd)
+
+
+def _recomputed(function, *inputs):
+    """``function(*inputs)`` without keeping its activations: megatron-core's checkpoint saves the
+    inputs and runs it again in the backward with the first run's RNG states. Inside a sequence
+    slice the rerun re-enters that slice of the KV cache (``KVCache.replay``), which reads the
+    earlier slices' K/V and records nothing; set here, in the rerun itself, it holds on whichever
+    thread autograd runs the rerun, where the ContextVar the forward set is not visible."""
+    cache = attention.current()
+    replay = cache.replayer() if cache is not None else contextlib.nullcontext
+
+    def run(*args):
+        if not torch.is_grad_enabled():  # the first run, under no_grad, inside the running slice
+            return function(*args)
+        with replay():
+            return function(*args)
+    return tensor_parallel.checkpoint(run, False, *inputs)
 
 
 class MLP(nn.Module):
@@ -234,9 +259,13 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.recompute = config.recompute_granularity == "full"
         _sum_sequence_parallel_grads(self, [self.input_layernorm, self.pre_mlp_layernorm], config)
 
     def forward(self, x):
+        return _recomputed(self._forward, x) if self.recompute and torch.is_grad_enabled() else self._forward(x)
+
+    def _forward(self, x):
         x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
         return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
 
