@@ -32,7 +32,7 @@ OPTIONS = {
 }
 # With sequence parallelism at TP 2 (tied output with biases, untied output, Llama-style): equal
 # to the same model without it, whole and sliced.
-SEQUENCE_PARALLEL = ("swiglu", "untied", "llama")
+SEQUENCE_PARALLEL = ("swiglu", "untied", "llama", "llama_recompute_full")
 BATCH, SEQ = 3, 24
 # Batch slices of 1 and 2 sequences, each cut into its own uneven sequence slices; under sequence
 # parallelism (TP 2) every slice length is even.
@@ -129,15 +129,19 @@ def _recompute(ours, batch):
         out["seqpipe"] = "no error"
     except ValueError as e:
         out["seqpipe"] = str(e)
-    # The model's own recomputation, run sliced: peak bytes saved for backward.
-    for granularity in (None, "full", "selective"):
-        module = gpt_pipeline(dataclasses.replace(ours.gpt_config, recompute_granularity=granularity),
-                              parallel.initialize(), seed=5)
-        module.load_state_dict(ours.state_dict(), strict=True)
-        meter = SavedTensorMeter(module.parameters())
-        with meter.hooks():
-            loss = _run_sliced(module, batch)
-        out["sliced", granularity] = loss, _grads(module), meter.peak
+    # The model's own recomputation, run sliced: peak bytes saved for backward; and with dropout,
+    # where the rerun must draw the first run's masks (megatron's checkpoint restores the RNG states).
+    for dropout in (0.0, 0.1):
+        for granularity in (None, "full", "selective"):
+            config = dataclasses.replace(ours.gpt_config, recompute_granularity=granularity, hidden_dropout=dropout,
+                                         attention_dropout=dropout)
+            module = gpt_pipeline(config, parallel.initialize(), seed=5)
+            module.load_state_dict(ours.state_dict(), strict=True)
+            meter = SavedTensorMeter(module.parameters())
+            torch.manual_seed(0)
+            with meter.hooks():
+                loss = _run_sliced(module, batch)
+            out["sliced" if not dropout else "dropout", granularity] = loss, _grads(module), meter.peak
     return out
 
 
@@ -247,7 +251,13 @@ def test_model_recomputation_with_the_kv_cache_saves_fewer_bytes(tp1):
         assert_close({"loss": recomputed_loss}, {"loss": loss}, what=f"{granularity} sliced loss")
         assert_close(recomputed_grads, grads, what=f"{granularity} sliced gradients")
         assert saved < kept, (granularity, saved, kept)
+        # With dropout 0.1 the rerun redraws the first run's masks.
+        dropped_loss, dropped_grads, _ = runs["dropout", None]
+        recomputed_loss, recomputed_grads, _ = runs["dropout", granularity]
+        assert_close({"loss": recomputed_loss}, {"loss": dropped_loss}, what=f"{granularity} dropout loss")
+        assert_close(recomputed_grads, dropped_grads, what=f"{granularity} dropout gradients")
     assert runs["sliced", "full"][2] < kept / 2
+    assert not torch.equal(runs["dropout", None][0], loss)  # the dropout did drop
 
 
 @pytest.mark.timeout(30)
