@@ -95,7 +95,8 @@ def run(spec):
 def _measure(spec, engines, batches):
     """One iteration per variant with the saved-tensor meter (and slice timestamps); the per-token probe."""
     saved, traces = {}, {}
-    for name, engine in engines.items():
+    for name, engine in tqdm(engines.items(), desc="timing: one measured iteration each", unit="variant",
+                             disable=dist.get_rank() != 0):
         meter = SavedTensorMeter(engine.module.parameters())
         sliced = spec["variants"][name]["seqpipe"] is not None
         if sliced:

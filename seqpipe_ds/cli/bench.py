@@ -204,7 +204,7 @@ def _launch(args, stages, variants, stem, measure=False):
 
 
 def _make_plan(args, out):
-    """profile (one process, one stage's layers and both ends) -> fit -> TeraPipe's DP into
+    """profile (one stage's layers and both ends, and p2p) -> fit -> TeraPipe's DP into
     out/dp_results.json and the schedule-exact search into out/makespan_results.json."""
     from . import plan as plan_cli
     if args.num_layers % args.stages:
@@ -214,7 +214,8 @@ def _make_plan(args, out):
     batch_sizes = sorted({1, args.batch_size} | {b for b in (2, 4) if b < args.batch_size})
     print(f"profiling one stage ({args.num_layers // args.stages} layers, embedding and LM head) at granularity "
           f"{args.granularity}, adaptively", flush=True)
-    _run_launcher(args, 1, ["seqpipe_ds.cli.plan", "profile", "--num-layers", str(args.num_layers // args.stages),
+    # Two processes when pipelined: the second waits while the first measures, then they time p2p sends.
+    _run_launcher(args, min(2, args.stages), ["seqpipe_ds.cli.plan", "profile", "--num-layers", str(args.num_layers // args.stages),
                             *[v for flag in MODEL_FLAGS[1:] for v in (f"--{flag}", str(getattr(args, flag.replace("-", "_"))))],
                             "--micro-batch-size", str(args.batch_size), "--batch-sizes", *map(str, batch_sizes),
                             *(["--model-preset", args.model_preset] if args.model_preset else []),
