@@ -37,7 +37,8 @@ def ranking(lines):
         if unsliced:
             lines.append(f"\nBest unsliced (micro-batch-only 1F1B): TP {unsliced.tp} x PP {unsliced.pp} x DP "
                          f"{unsliced.dp}, {unsliced.unsliced.makespan:.3f} s; the winner (TP {best.tp} x PP {best.pp} "
-                         f"x DP {best.dp}, {best.best.schedule}) is {unsliced.unsliced.makespan / best.time:.2f}x faster.")
+                         f"x DP {best.dp}, {best.best.schedule}) is {unsliced.unsliced.makespan / best.time:.2f}x "
+                         "faster.")
         rejected = ", ".join(f"{c.tp}x{c.pp}x{c.dp}" for c in advice.rejected)
         lines.append(f"Do not fit 15 GiB usable per GPU (TP x PP x DP): {rejected or 'none'}.")
 

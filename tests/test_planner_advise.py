@@ -28,7 +28,8 @@ def brute_force(tiny, tp, pp, dp):
     """Least makespan over schedules, micro-batch splits, groupings and every slicing, within memory."""
     costs = flop_rate_costs(MODEL, tiny, tp, pp, dp)
     layers = [MODEL["num_layers"] // pp] * pp
-    memory = MemoryModel.for_stages(stage_parameters(MODEL, pp, tp), analytic_bytes_per_token(MODEL, tp, layers, "bf16"),
+    memory = MemoryModel.for_stages(stage_parameters(MODEL, pp, tp),
+                                    analytic_bytes_per_token(MODEL, tp, layers, "bf16"),
                                     "bf16", 0, dp)
     batch, units, best = BATCH // dp, MODEL["seq_length"] // G, None
     for schedule in ("terapipe", "slice-1f1b"):

@@ -43,7 +43,8 @@ def measure(runs):
         batches = []
         for _ in range(gas):
             tokens = torch.randint(0, 256, (mbs, SEQ + 1), generator=g)
-            batches.append(((tokens[:, :-1], torch.arange(SEQ).expand(mbs, SEQ)), (tokens[:, 1:], torch.ones(mbs, SEQ))))
+            batches.append(((tokens[:, :-1], torch.arange(SEQ).expand(mbs, SEQ)),
+                            (tokens[:, 1:], torch.ones(mbs, SEQ))))
         meter = SavedTensorMeter(engine.module.parameters())
         with meter.hooks():
             engine.train_batch(data_iter=iter(batches))

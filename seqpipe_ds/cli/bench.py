@@ -137,7 +137,8 @@ def _entry(args, plan_file):
     from ..planner import read_plans
     entries = [e for e in read_plans(plan_file) if e.pp == args.stages and args.batch_size % e.micro_batch_size == 0]
     if not entries:
-        raise SystemExit(f"{plan_file} has no plan for {args.stages} stages and a micro-batch dividing {args.batch_size}")
+        raise SystemExit(f"{plan_file} has no plan for {args.stages} stages and a micro-batch dividing "
+                         f"{args.batch_size}")
     return entries[0]
 
 
@@ -215,8 +216,9 @@ def _make_plan(args, out):
     print(f"profiling one stage ({args.num_layers // args.stages} layers, embedding and LM head) at granularity "
           f"{args.granularity}, adaptively", flush=True)
     # Two processes when pipelined: the second waits while the first measures, then they time p2p sends.
-    _run_launcher(args, min(2, args.stages), ["seqpipe_ds.cli.plan", "profile", "--num-layers", str(args.num_layers // args.stages),
-                            *[v for flag in MODEL_FLAGS[1:] for v in (f"--{flag}", str(getattr(args, flag.replace("-", "_"))))],
+    shape = [v for flag in MODEL_FLAGS[1:] for v in (f"--{flag}", str(getattr(args, flag.replace("-", "_"))))]
+    _run_launcher(args, min(2, args.stages), ["seqpipe_ds.cli.plan", "profile",
+                            "--num-layers", str(args.num_layers // args.stages), *shape,
                             "--micro-batch-size", str(args.batch_size), "--batch-sizes", *map(str, batch_sizes),
                             *(["--model-preset", args.model_preset] if args.model_preset else []),
                             "--granularity", str(args.granularity), "--repeats", str(args.profile_repeats),

@@ -8,6 +8,7 @@ examples:
     seqpipe-plan show dp_results.json --index 0 --latency-model model.json --png plan.png
 """
 import argparse
+import functools
 import json
 import sys
 import time
@@ -339,8 +340,8 @@ def _advise(args) -> None:
     if args.latency_model:
         found = read_model_file(args.latency_model)
         tp_sizes, device = [found.config["tp"]], f"profile of {found.device} at TP {found.config['tp']}"
-        costs_for = lambda tp, pp, dp: advisor.profiled_costs(found.model, found.config["num_layers"], model,  # noqa: E731
-                                                              cluster, tp, pp, dp, found.config.get("dtype_bytes", 2))
+        costs_for = functools.partial(advisor.profiled_costs, found.model, found.config["num_layers"], model, cluster,
+                                      dtype_bytes=found.config.get("dtype_bytes", 2))
     advice = advisor.advise(model, cluster, args.global_batch_size, args.granularity, schedules, args.zero_stage,
                             costs_for, args.local_moves, lambda what: print(f"  planning {what}", flush=True),
                             tp_sizes)

@@ -330,7 +330,8 @@ def describe_slicing(candidate: Candidate) -> str:
 
 def table(advice: Advice, top: int = 10) -> str:
     """The ranking as a markdown table."""
-    lines = [f"{advice.cluster.name}: {advice.cluster.nodes} x {advice.cluster.gpus_per_node} {advice.cluster.gpu.name}, "
+    cluster = advice.cluster
+    lines = [f"{cluster.name}: {cluster.nodes} x {cluster.gpus_per_node} {cluster.gpu.name}, "
              f"global batch {advice.global_batch}",
              "| TP | PP | DP | schedule | micro-batches | slices per sequence | iteration (s) | TFLOP/s/GPU | "
              "peak GiB | unsliced 1F1B (s) | speedup |",

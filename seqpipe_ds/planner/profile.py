@@ -15,7 +15,8 @@ first, then the midpoint of every gap whose measured midpoint is more than ``tol
 straight line between its ends (bisected until it is not); context points in rounds, each round
 first predicted by a fit of the earlier ones, until a round is predicted within ``tolerance``
 (or ``context_samples`` are spent). On a noisy machine a point off by no more than the spread of its
-own repeats counts as predicted: more points would fit the noise, not the model. The errors seen are kept in the profile (``adaptive``).
+own repeats counts as predicted: more points would fit the noise, not the model. The errors seen
+are kept in the profile (``adaptive``).
 
 Run in an initialised process group (``bind_device()``, then ``seqpipe_ds.parallel.initialize(tp)``
 with a timeout longer than the profile): the TP group of rank 0 measures the stage together,
@@ -267,7 +268,8 @@ class StageEnds(torch.nn.Module):
     def profile(self, spec: ProfileSpec, sync, bar: tqdm) -> Dict[str, List[Dict]]:
         """fwd + bwd time of each end at a few (b, l): the fit makes it linear in the tokens b * l."""
         g, units = spec.granularity, spec.seq_length // spec.granularity
-        shapes = [(b, g * u) for b in sorted({spec.sizes[0], spec.sizes[-1]}) for u in sorted({1, units // 2 or 1, units})]
+        shapes = [(b, g * u) for b in sorted({spec.sizes[0], spec.sizes[-1]})
+                  for u in sorted({1, units // 2 or 1, units})]
         bar.set_description("profile: embedding and LM head + loss")
         runs = spec.warmup + spec.repeats
         bar.total += 2 * runs * len(shapes)

@@ -139,7 +139,8 @@ def _structure(plan: SlicePlan) -> SlicePlan:
     """The plan with every length 1: lowering depends only on the units (how many batch slices, how
     many sequence slices each), so all plans of one structure share one cached lowering; the
     simulation with the real plan still checks every program against it."""
-    return SlicePlan(tuple(1 for _ in plan.batch_slices), tuple(tuple(1 for _ in lengths) for lengths in plan.seq_slices))
+    return SlicePlan(tuple(1 for _ in plan.batch_slices),
+                     tuple(tuple(1 for _ in lengths) for lengths in plan.seq_slices))
 
 
 def equal_flop_lengths(seq_len: int, parts: int, granularity: int, hidden_size: int) -> List[int]:
