@@ -132,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-model", help="latency model JSON: predicts the slice times for the timeline")
     p.add_argument("--fwd-fraction", type=float, default=1 / 3,
                    help="share of a slice's time spent in forward (backward takes the rest)")
-    p.add_argument("--schedule", default="terapipe", choices=sorted(SCHEDULES),
-                   help="the schedule whose lowered programs are simulated")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES),
+                   help="the schedule whose lowered programs are simulated (default: the plan's, else terapipe)")
     p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--png", help="write a Gantt chart of the timeline here")
     return parser
@@ -309,6 +309,7 @@ def _show(args) -> None:
             raise ValueError("--png needs --latency-model (the slice times come from it)")
         return
     model = read_model_file(args.latency_model).model
+    args.schedule = args.schedule or entry.schedule or "terapipe"
     plan = make_plan(entry.batch_slices, entry.input_slices, sum(entry.batch_slices), sum(entry.input_slices[0]))
     result = predict(plan, lambda b, l, c: float(model.predict(b, l, c)), entry.pp, args.micro_batches,
                      args.schedule, args.fwd_fraction, model.update_time)
