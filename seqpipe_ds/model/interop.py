@@ -9,7 +9,9 @@ fc1 as [gate; up] per TP rank), and both models shard them
 with the same megatron-core tensor-parallel layers: the state dict of TP rank r maps name for
 name onto our TP rank r, only the prefixes differ. Both directions take and return the dict of a
 whole model (megatron at pipeline size 1); ``load_stage`` picks a pipeline stage's share.
-The returned dicts hold the given tensors, not copies.
+The returned dicts hold the given tensors, not copies. Sequence parallelism and recomputation
+change no parameter, so a model with them converts as the same model without. (megatron-core's
+local spec itself refuses sequence parallelism: its torch norms assert it off.)
 """
 from typing import Dict, Set
 
