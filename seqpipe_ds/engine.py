@@ -147,9 +147,16 @@ class SeqPipeEngine(PipelineEngine):
             probe = self._recv_tensor_meta(self.prev_stage)
             self._activation_meta = (tuple(probe.shape[2:]), probe.dtype)
         tail, dtype = self._activation_meta
-        received = torch.empty(self.slice_plan.shape(unit) + tail, dtype=dtype, device=self.device)
+        received = torch.empty(self._activation_dims(unit) + tail, dtype=dtype, device=self.device)
         p2p.recv(received, self.prev_stage)
         self._inputs[(micro_batch, *unit)] = received.requires_grad_(received.is_floating_point())
+
+    def _activation_dims(self, unit):
+        """Leading dims of the tensor passed between stages for ``unit``: (batch, tokens), unless the
+        model lays it out otherwise (``module.activation_dims(batch, tokens)``; Megatron's sequence
+        parallelism passes (tokens / TP, batch))."""
+        dims = getattr(self.module, "activation_dims", None)
+        return tuple(dims(*self.slice_plan.shape(unit))) if dims else self.slice_plan.shape(unit)
 
     def _exec_send_slice_grad(self, micro_batch, unit):
         self._send(self._inputs.pop((micro_batch, *unit)).grad, self.prev_stage)

@@ -13,6 +13,7 @@ Attention finds the cache of the slice being run through ``current()``, a Contex
 one-tensor-out interface while several caches (micro-batches in flight) live side by side.
 Outside ``KVCache.slice`` there is no cache, and attention is the whole-sequence causal kernel.
 """
+import functools
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Dict, List, Optional, Tuple
@@ -37,10 +38,11 @@ class KVCache:
 
     def __init__(self, capacity: Optional[int] = None):
         self.capacity = capacity  # max positions (the position-embedding table), or None
-        self._own: List[Dict[int, KV]] = []  # per slice, per layer: K/V inside the slice's graph
+        self._own: List[Dict[int, Optional[KV]]] = []  # per slice, per layer: K/V inside the slice's graph
         self._leaves: List[Dict[int, KV]] = []  # per slice, per layer: detached leaves later slices read
         self._lengths: List[Optional[int]] = []  # per slice: its token count, known once a layer recorded
         self._index: Optional[int] = None
+        self._replaying = False  # inside replay(): a recomputed forward
 
     @property
     def num_slices(self) -> int:
@@ -72,6 +74,27 @@ class KVCache:
             _ACTIVE.reset(token)
             self._index = None
 
+    def replayer(self):
+        """For activation recomputation: ``with cache.replayer()():`` later re-enters the slice
+        running now (see ``replay``)."""
+        return functools.partial(self.replay, self._running())
+
+    @contextmanager
+    def replay(self, index: int):
+        """The recomputed forward of slice ``index`` (activation recomputation, inside its backward):
+        attention reads the earlier slices' leaves as in the first run and records nothing. Where
+        the first run computed K/V under no_grad (the whole layer recomputed), it left no graph for
+        ``backward_args`` to feed; the recomputed K/V then receive, by a hook, the gradients later
+        slices left on its leaves. (K/V computed outside the recomputed part keep their graph.)"""
+        token = _ACTIVE.set(self)
+        previous = self._index, self._replaying
+        self._index, self._replaying = index, True
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+            self._index, self._replaying = previous
+
     def record(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> List[KV]:
         """Records the running slice's K/V of ``layer``; returns the cached (K, V) leaves of every
         earlier slice of that layer, in position order (empty for slice 0)."""
@@ -80,6 +103,12 @@ class KVCache:
         if missing:
             raise RuntimeError(f"KV cache: slices {missing} recorded no K/V for layer {layer}")
         earlier = [leaves[layer] for leaves in self._leaves[:index]]
+        if self._replaying:
+            if self._own[index][layer] is None:  # else backward_args feeds the first run's graph
+                for own, leaf in zip((k, v), self._leaves[index][layer]):
+                    if leaf.grad is not None:
+                        own.register_hook(functools.partial(torch.add, leaf.grad))
+            return earlier
         if earlier and _without_seq(k.shape) != _without_seq(earlier[0][0].shape):
             raise ValueError(f"KV cache: slice {index} of layer {layer} has K/V of shape {tuple(k.shape)}, which "
                              f"does not fit the cached {tuple(earlier[0][0].shape)} (batch, heads and head_dim "
@@ -93,7 +122,8 @@ class KVCache:
             raise ValueError(f"KV cache: slice {index} ends at position {end}, beyond the cache capacity "
                              f"{self.capacity} (max_position_embeddings)")
         self._lengths[index] = length
-        self._own[index][layer] = (k, v)
+        # None: computed under no_grad without a graph (a recomputed layer's first run, or evaluation)
+        self._own[index][layer] = None if not (torch.is_grad_enabled() or k.requires_grad) else (k, v)
         self._leaves[index][layer] = (k.detach().requires_grad_(k.is_floating_point()),
                                       v.detach().requires_grad_(v.is_floating_point()))
         return earlier
@@ -106,9 +136,10 @@ class KVCache:
         Call after the backward of every later slice of this cache.
         """
         tensors, grad_tensors = list(outputs), list(grads)
-        for layer, (k, v) in self._own[index].items():
-            k_leaf, v_leaf = self._leaves[index][layer]
-            for own, leaf in ((k, k_leaf), (v, v_leaf)):
+        for layer, own_kv in self._own[index].items():
+            if own_kv is None:  # recomputed: replay() hands the gradients to the recomputed K/V
+                continue
+            for own, leaf in zip(own_kv, self._leaves[index][layer]):
                 if leaf.grad is not None:
                     tensors.append(own)
                     grad_tensors.append(leaf.grad)
