@@ -54,9 +54,10 @@ def resolve(ds_config: dict, model: PipelineModule) -> Tuple[SlicePlan, str]:
     if ds.zero_optimization_stage >= 2:
         problems.append(f"ZeRO stage {ds.zero_optimization_stage} is incompatible with pipeline parallelism "
                         "(use stage 0 or 1)")
-    if model.activation_checkpoint_interval > 0:
-        problems.append("activation checkpointing inside the pipeline module is not supported with seqpipe "
-                        "(recomputation would re-enter the KV cache)")
+    if model.activation_checkpoint_interval > 0 and not protocol.is_sliceable(model.activation_checkpoint_func):
+        problems.append(f"activation checkpointing with {protocol.name(model.activation_checkpoint_func)} would "
+                        "rerun attention without the slice's KV cache: use seqpipe_ds.model.layers.recomputed "
+                        "(gpt_pipeline's default) or GPTConfig.recompute_granularity")
     gpt = getattr(model, "gpt_config", None)
     if gpt is not None and cfg.seq_length > gpt.max_position_embeddings:
         problems.append(f"seq_length {cfg.seq_length} exceeds max_position_embeddings {gpt.max_position_embeddings}")

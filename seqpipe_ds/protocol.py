@@ -15,7 +15,11 @@ def sliceable(obj):
     return obj
 
 
-def _name(obj) -> str:
+def is_sliceable(obj) -> bool:
+    return bool(getattr(obj, MARK, False))
+
+
+def name(obj) -> str:
     return getattr(obj, "__qualname__", None) or type(obj).__name__
 
 
@@ -29,9 +33,9 @@ def problems(layer_specs, loss_fn) -> list:
             target = spec.typename
         else:
             target = spec
-        if not getattr(target, MARK, False):
-            found.append(f"layer {idx} ({_name(target)}) is not marked @seqpipe_ds.sliceable")
+        if not is_sliceable(target):
+            found.append(f"layer {idx} ({name(target)}) is not marked @seqpipe_ds.sliceable")
     if not callable(getattr(loss_fn, "normalizer", None)):
-        found.append(f"loss_fn {_name(loss_fn)} has no normalizer(labels) method, so per-slice losses cannot be "
+        found.append(f"loss_fn {name(loss_fn)} has no normalizer(labels) method, so per-slice losses cannot be "
                      "scaled to the micro-batch mean")
     return found

@@ -65,7 +65,8 @@ def train(case, seqpipe=None, steps=range(STEPS), load=None, save=None):
     from seqpipe_ds import parallel
     from seqpipe_ds.model import gpt_pipeline
     topo = parallel.initialize(tensor_parallel_size=case.get("tp", 1), pipeline_parallel_size=case.get("pp", 1))
-    model = gpt_pipeline(tiny_config(**case.get("model", {})), topo, seed=11)  # "model": GPTConfig options
+    model = gpt_pipeline(tiny_config(**case.get("model", {})), topo, seed=11,  # "model": GPTConfig options
+                         activation_checkpoint_interval=case.get("checkpoint_interval", 0))
     engine, optimizer, _, _ = seqpipe_ds.initialize(model=model, model_parameters=model.parameters(),
                                                     config=ds_config(case, seqpipe))
     grads = []

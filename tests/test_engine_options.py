@@ -1,6 +1,7 @@
 """The Llama-style model (RoPE, SwiGLU, RMSNorm, GQA, untied output, no biases, ffn_hidden_size)
 through the engine at PP 2, at PP 2 x TP 2 with sequence parallelism, and with full and selective
-activation recomputation, under both schedules:
+activation recomputation (the model's own and DeepSpeed's activation_checkpoint_interval), under both
+schedules:
 per-step losses, every gradient at every step and the parameters after 3 Adam steps equal stock
 DeepSpeed pipelining (with the same options) and a single process without tensor or sequence
 parallelism (fp32, relative error <= 1e-5). One launch per layout plus one single-process launch."""
@@ -28,6 +29,9 @@ LAYOUTS = {
     **{f"pp2_recompute_{g}": (2, dict(pp=2, mbs=2, gas=2, model={**LLAMA, "recompute_granularity": g}),
                               [{"seq_slices": [7, 5, 4], "batch_slices": [1, 1], "schedule": s} for s in SCHEDULES])
        for g in ("full", "selective")},
+    # DeepSpeed's own activation checkpointing (PipelineModule's activation_checkpoint_interval).
+    "pp2_ds_checkpoint": (2, dict(pp=2, mbs=2, gas=2, model=LLAMA, checkpoint_interval=1),
+                          [{"seq_slices": [7, 5, 4], "batch_slices": [1, 1], "schedule": s} for s in SCHEDULES]),
 }
 PARAMS = [(name, v) for name, (_, _, variants) in LAYOUTS.items() for v in ["stock", *range(len(variants))]]
 

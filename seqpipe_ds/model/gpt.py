@@ -5,7 +5,7 @@ from deepspeed.runtime.pipe.topology import ProcessTopology
 from megatron.core import parallel_state
 
 from .config import GPTConfig
-from .layers import FINAL_NORMS, EmbeddingPipe, GPTLoss, OutputLayer, TransformerLayer, lm_head
+from .layers import FINAL_NORMS, EmbeddingPipe, GPTLoss, OutputLayer, TransformerLayer, lm_head, recomputed
 
 EMBEDDING_KEY = "embed"
 
@@ -35,11 +35,12 @@ def gpt_pipeline(config: GPTConfig, topology: ProcessTopology, seed: int = 1234,
 
     ``activation_checkpoint_interval`` > 0 recomputes chunks of that many pipeline layers in the
     backward (DeepSpeed's activation checkpointing); as in Megatron only transformer layers are
-    recomputed, a chunk holding the embedding or the output layer is kept."""
+    recomputed, a chunk holding the embedding or the output layer is kept. The chunks are rerun by
+    ``layers.recomputed``, which replays the slice's KV cache, so sliced runs may use it too."""
     module = PipelineModule(layers=gpt_layer_specs(config), loss_fn=GPTLoss(), topology=topology,
                             partition_method="type:TransformerLayer", seed_layers=True, base_seed=seed,
                             seed_fn=_seed_layer, activation_checkpoint_interval=activation_checkpoint_interval,
-                            checkpointable_layers=[TransformerLayer.__name__])
+                            checkpointable_layers=[TransformerLayer.__name__], activation_checkpoint_func=recomputed)
     # Seeding by layer is for initialisation only. Left on, PipelineModule.forward re-seeds the
     # generator before every layer of every call (a torch.manual_seed each, milliseconds on CPU),
     # which with slicing would run once per slice.

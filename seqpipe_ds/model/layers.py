@@ -170,7 +170,7 @@ class SelfAttention(nn.Module):
             q, k = self._rotate(q, k, cache.offset if cache is not None else 0)
         core = functools.partial(self._core, dropout=self.dropout if self.training else 0.0)
         # (B, nh, s, hd); selective recomputation keeps only q, k, v for the core's backward
-        out = _recomputed(core, q, k, v) if self.recompute_core and torch.is_grad_enabled() else core(q, k, v)
+        out = recomputed(core, q, k, v) if self.recompute_core and torch.is_grad_enabled() else core(q, k, v)
         if self.sequence_parallel:  # linear_proj reduce-scatters (T, B, ...) to this rank's (T / TP, B, h)
             out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
         else:
@@ -202,7 +202,8 @@ class SelfAttention(nn.Module):
                 apply_rotary_pos_emb(k, freqs, self.rotary_config))   # (B, ng, s, hd)
 
 
-def _recomputed(function, *inputs):
+@sliceable
+def recomputed(function, *inputs):
     """``function(*inputs)`` without keeping its activations: megatron-core's checkpoint saves the
     inputs and runs it again in the backward with the first run's RNG states. Inside a sequence
     slice the rerun re-enters that slice of the KV cache (``KVCache.replay``), which reads the
@@ -263,7 +264,7 @@ class TransformerLayer(nn.Module):
         _sum_sequence_parallel_grads(self, [self.input_layernorm, self.pre_mlp_layernorm], config)
 
     def forward(self, x):
-        return _recomputed(self._forward, x) if self.recompute and torch.is_grad_enabled() else self._forward(x)
+        return recomputed(self._forward, x) if self.recompute and torch.is_grad_enabled() else self._forward(x)
 
     def _forward(self, x):
         x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
