@@ -232,9 +232,8 @@ def _adaptive(spec: ProfileSpec, bench: _Bench) -> Dict:
         if not new:
             break
         if len(done) >= 8:
-            b, l, c, t = (np.array([[p[i] for p in bench.rows] for i in range(3)] + [[r["time"] for r in
-                          bench.rows.values()]], dtype=float))
-            trial = fit_compute(b, l, c, t)
+            points = np.array(list(bench.rows), dtype=float)  # (points, 3): b, l, c
+            trial = fit_compute(*points.T, [row["time"] for row in bench.rows.values()])
         bench.measure(new, f"{len(done) + len(new)} context points")
         if len(done) >= 8:
             predicted = trial.compute_time(*np.array(new, dtype=float).T)
