@@ -38,6 +38,7 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     assert rows["makespan planned"]["schedule"] == searched["schedule"]
     assert rows["makespan planned"]["predicted_s"] == pytest.approx(searched["latency"], rel=1e-6)
     assert "profile: " in done.stderr and "timing on 2 stage(s)" in done.stderr  # progress is shown
+    assert "held-out relative error" in done.stdout and "adaptive profile:" in done.stdout  # the fit's error
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and row["vs_stock"] > 0
     for name in ("stock DeepSpeed", *seqpipe):

@@ -187,6 +187,12 @@ def _fit(args) -> None:
                                                           for kind, v in model.saved_bytes_per_token.items()))
     print(f"held-out relative error on {report.heldout_points} points: mean {report.heldout_mean_error:.2%}, "
           f"max {report.heldout_max_error:.2%}")
+    adaptive = profile.get("adaptive")
+    if adaptive:
+        rounds = adaptive["context_round_errors"]
+        print(f"adaptive profile: {len(profile['compute'])} slice shapes; length midpoints off the line by "
+              f"{max(adaptive['length_midpoint_errors'], default=0):.2%} at most; context rounds predicted to "
+              + (", ".join(f"{e:.2%}" for e in rounds) if rounds else "- (one round)"))
     print(f"wrote {args.out}")
     if args.grid_out:
         config = profile["config"]
