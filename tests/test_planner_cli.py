@@ -85,3 +85,26 @@ def test_profile_tiny_model_with_tp2_and_p2p(tmp_path):
     assert profile["optimizer_step"] > 0
     report = fit_profile(profile)  # real, noisy timings: the fit must run, not be accurate
     assert np.isfinite(report.model.grid(1, 32, 8)[1, 1:, 0]).all()
+
+
+@pytest.mark.timeout(120)
+def test_solve_under_sequence_parallelism_keeps_slices_divisible_by_tp(tmp_path, capsys):
+    profile = synthetic_profile(noise=0.0)
+    profile["config"]["tp"] = 2
+    path, model = tmp_path / "profile.json", tmp_path / "model.json"
+    path.write_text(json.dumps(profile))
+    assert main(["fit", str(path), "--out", str(model)]) == 0
+    plans = tmp_path / "dp_results.json"
+    assert main(["solve", str(model), "--num-stages", "2", "--sequence-parallel", "--plan-file", str(plans)]) == 0
+    entry = json.loads(plans.read_text())[0]
+    assert all(length % 2 == 0 for lengths in entry["input_slices"] for length in lengths)
+    capsys.readouterr()
+    assert main(["solve", str(model), "--num-stages", "2", "--sequence-parallel", "--granularity", "4"]) == 0
+    assert main(["solve", str(model), "--num-stages", "2", "--sequence-parallel", "--granularity", "3"]) == 1
+    assert "granularity 3 must be a multiple of 2" in capsys.readouterr().err
+    profile["config"]["tp"] = 1
+    path.write_text(json.dumps(profile))
+    assert main(["fit", str(path), "--out", str(model)]) == 0
+    assert main(["solve", str(model), "--num-stages", "2", "--sequence-parallel"]) == 1
+    assert "needs tensor parallelism" in capsys.readouterr().err
+

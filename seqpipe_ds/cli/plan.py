@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, choices=[0, 1], default=0, help="for the memory model")
     p.add_argument("--seq-length", type=int, help="default: the profiled one")
     p.add_argument("--granularity", type=int, help="default: the profiled one")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="plan for Megatron sequence parallelism: every slice splits over the profiled TP ranks, "
+                        "so the granularity must be a multiple of TP")
     p.add_argument("--update-time", type=float, help="optimizer step time (default: the profiled one)")
     p.add_argument("--plan-file", help="add the plan to this plan file (dp_results.json)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size, for the plan file")
@@ -200,12 +203,23 @@ def _fit(args) -> None:
         print(f"wrote {args.grid_out}")
 
 
+def _check_sequence_parallel(tp: int, granularity: int) -> None:
+    """Every slice length is a multiple of the granularity; under SP each must also divide by TP."""
+    if tp < 2:
+        raise ValueError("--sequence-parallel needs tensor parallelism (the profile's tp is 1), as in Megatron")
+    if granularity % tp:
+        raise ValueError(f"--sequence-parallel splits every slice over {tp} TP ranks: the granularity {granularity} "
+                         f"must be a multiple of {tp}")
+
+
 def _solve(args) -> None:
     found = read_model_file(args.model)
     config = found.config
     batch = args.batch_size or config["micro_batch_size"]
     seq_len = args.seq_length or config["seq_length"]
     granularity = args.granularity or config["granularity"]
+    if args.sequence_parallel:
+        _check_sequence_parallel(config.get("tp", 1), granularity)
     update = found.model.update_time if args.update_time is None else args.update_time
     if args.objective == "dp" and (args.memory_limit or args.schedule != "auto"):
         raise ValueError("--objective dp plans TeraPipe's objective only: --memory-limit and --schedule need "
