@@ -46,7 +46,7 @@ class SeqPipeEngine(PipelineEngine):
         self._pending_sends = []  # (work, tensor): the tensor must live until its send completes
         self._caches = {}
         self._inputs, self._outputs, self._labels, self._losses, self._grads = {}, {}, {}, {}, {}
-        self._normalizers = {}
+        self._normalizers = {}  # micro-batch -> loss normalizer (a scalar each; cleared after the step)
 
     def _train_schedule(self):
         return ins.ProgramSchedule(self.program, micro_batches=self.micro_batches, stages=self.num_stages,
@@ -118,8 +118,6 @@ class SeqPipeEngine(PipelineEngine):
         self._caches[cache_key].release(s)
         if s == 0:
             del self._caches[cache_key]
-            if self.is_last_stage() and not any(k[0] == micro_batch for k in self._caches):
-                self._normalizers.pop(micro_batch, None)
 
     @contextmanager
     def _traced(self, kind, key):

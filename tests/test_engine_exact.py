@@ -27,7 +27,8 @@ LAYOUTS = {
         (dict(pp=2, mbs=3, gas=2), both({"batch_slices": [2, 1], "seq_slices": [[5, 11], [16]]},
                                         {"batch_slices": 3, "seq_slices": [1, 2, 13]})),
         # slice-1f1b with the units of three micro-batches in flight
-        (dict(pp=2, mbs=2, gas=3), both({"seq_slices": [6, 6, 4], "batch_slices": [1, 1]})),
+        (dict(pp=2, mbs=2, gas=3), both({"seq_slices": [6, 6, 4], "batch_slices": [1, 1]},
+                                        {"seq_slices": [[16], [10, 6]], "batch_slices": [1, 1]})),
         (dict(pp=2, mbs=2, gas=2, zero=1, clip=0.05), both({"seq_slices": [5, 5, 6], "batch_slices": [1, 1]})),
     ]),
     # world size 4
