@@ -6,6 +6,7 @@ the K/V cached by slices < j) and their backwards in reverse (slice j's backward
 K/V gradients of slices < j). Only compute is decided here; ``lowering.lower`` derives the
 loads, sends, receives and the optimizer step, and the simulator checks the result.
 """
+from abc import ABC, abstractmethod
 from typing import Dict, List, Tuple, Type
 
 from ..slicing import SlicePlan
@@ -14,7 +15,7 @@ from .actions import Action, backward, forward
 Key = Tuple[int, Tuple[int, int]]  # (micro-batch, unit)
 
 
-class Schedule:
+class Schedule(ABC):
     """Base class: ``compute_order(stage)`` lists a stage's F and B actions in execution order."""
     name = ""
 
@@ -27,8 +28,9 @@ class Schedule:
         """Every unit of every micro-batch of the step, in forward order."""
         return [(m, unit) for m in range(self.micro_batches) for unit in self.plan.units()]
 
+    @abstractmethod
     def compute_order(self, stage: int) -> List[Action]:
-        raise NotImplementedError(f"{type(self).__name__} must define compute_order")
+        """The F and B actions of ``stage``, in the order it runs them."""
 
     def compute_orders(self) -> List[List[Action]]:
         return [self.compute_order(stage) for stage in range(self.stages)]
