@@ -178,8 +178,7 @@ def profiled_costs(latency_model, profiled_layers: int, model, cluster: Cluster,
 
     def compute(stage, b, l, c):
         layers = latency_model.compute_time(b, l, c) * per_stage[stage] / profiled_layers
-        return layers + latency_model.stage_compute(b, l, c, stage == 0, stage == pp - 1) - \
-            latency_model.compute_time(b, l, c)
+        return layers + latency_model.ends_time(b, l, stage == 0, stage == pp - 1)
 
     return _with_links(model, cluster, tp, pp, dp, compute, latency_model.forward_fraction, dtype_bytes)
 

@@ -67,8 +67,12 @@ class LatencyModel:
 
     def stage_compute(self, b, l, c, first: bool, last: bool) -> np.ndarray:
         """Forward + backward compute of a slice on a stage: the layers plus the stage's own ends."""
-        b, l, c = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(b, l, c))
-        t = self.compute_time(b, l, c)
+        return self.compute_time(b, l, c) + self.ends_time(b, l, first, last)
+
+    def ends_time(self, b, l, first: bool, last: bool) -> np.ndarray:
+        """What the first stage's embedding and the last stage's LM head + loss add to a slice."""
+        b, l = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(b, l))
+        t = np.zeros_like(b * l)
         for end, present in (("first", first), ("last", last)):
             if present and end in self.stage_ends:
                 e0, e1 = self.stage_ends[end]
