@@ -27,7 +27,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 import seqpipe_ds
-from seqpipe_ds import megatron_args, parallel
+from seqpipe_ds import checkpoint, megatron_args, parallel
 from seqpipe_ds.data import build_datasets, build_tokenizer, embedded_corpus_prefix, padded_vocab_size, pipeline_batches
 from seqpipe_ds.model import gpt_pipeline
 
@@ -104,7 +104,7 @@ def main():
         if notice:
             print(notice, flush=True)
     if args.load:
-        engine.load_checkpoint(args.load)
+        checkpoint.load(engine, args.load, load_rng=args.load_rng)
     iteration = engine.global_steps
 
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -140,7 +140,7 @@ def main():
             log.record({"iteration": iteration, "valid_loss": evaluate(engine, valid_batches, args)})
         if args.save and ((args.save_interval and iteration % args.save_interval == 0)
                           or iteration == args.train_iters):
-            engine.save_checkpoint(args.save)
+            checkpoint.save(engine, args.save, save_rng=args.save_rng)
     log.close()
     parallel.destroy()
 

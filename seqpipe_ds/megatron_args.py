@@ -99,6 +99,10 @@ def build_parser():
     logging.add_argument("--save", default=None)
     logging.add_argument("--load", default=None)
     logging.add_argument("--save-interval", type=int, default=None)
+    logging.add_argument("--no-save-rng", action="store_false", dest="save_rng",
+                         help="do not save the random number generators' states in checkpoints")
+    logging.add_argument("--no-load-rng", action="store_false", dest="load_rng",
+                         help="do not restore them from --load: resume with the generators --seed starts")
     logging.add_argument("--log-interval", type=int, default=100)
     logging.add_argument("--eval-interval", type=int, default=1000)
     logging.add_argument("--eval-iters", type=int, default=100)
