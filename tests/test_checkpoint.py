@@ -52,11 +52,15 @@ def load_args(tmp_path, ckpt, extra=()):
             str(config)]
 
 
-def assert_every_rank_fails_with(results, elapsed, *fragments):
+def assert_every_rank_fails_with(results, elapsed, error, *fragments):
+    """Each rank's output ends in the traceback of ``error`` (the start of the exception's line,
+    behind torch's "[rankN]: " prefix), which holds every fragment."""
     for rank, (code, out) in enumerate(results):
         assert code != 0, f"rank {rank} exited 0; output ends:\n{out[-3000:]}"
+        lines = [line for line in out.splitlines() if line.startswith(f"[rank{rank}]: {error}")]
+        assert lines, f"rank {rank} did not report {error!r}; output ends:\n{out[-3000:]}"
         for fragment in fragments:
-            assert fragment in out, f"rank {rank} did not report {fragment!r}; output ends:\n{out[-3000:]}"
+            assert fragment in lines[-1], f"rank {rank}: {fragment!r} missing from {lines[-1]!r}"
         assert "Connection closed by peer" not in out, f"rank {rank} died in a collective:\n{out[-3000:]}"
     # Both ranks stop at the check; a rank waiting for a dead peer would sit out the timeout.
     assert elapsed < LAUNCH_TIMEOUT / 2, f"failing took {elapsed:.0f} s"
@@ -116,8 +120,9 @@ def test_resume_without_loading_rng_runs_with_other_dropout_masks(dropout_run, r
 def test_checkpoint_without_rng_state_stops_every_rank(resumed_without_rng, tmp_path):
     _, saved = resumed_without_rng
     results, elapsed = launch_per_rank(load_args(tmp_path, saved), tmp_path)
-    assert_every_rank_fails_with(results, elapsed, f"Unable to load rng state from checkpoint {saved}/global_step4",
-                                 "Specify --no-load-rng")
+    assert_every_rank_fails_with(
+        results, elapsed, f"ValueError: Unable to load rng state from checkpoint {saved / 'global_step4'}: ",
+        "saved with --no-save-rng", "Specify --no-load-rng")
 
 
 @pytest.mark.timeout(600)
