@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import zipfile
 from typing import Any, Dict, List, NamedTuple, Optional
 
@@ -47,9 +46,10 @@ class Loaded(NamedTuple):
 
 
 def save(engine, save_dir: str, save_rng: bool = True, client_state: Optional[Dict[str, Any]] = None) -> str:
-    """Saves a checkpoint of ``engine`` (every rank must call it) under the tag ``global_step<N>``
-    and returns the tag's directory. With ``save_rng`` the client state also holds every rank's RNG
-    state (see the module docstring); then the manifest is written and ``latest`` is set."""
+    """Saves a checkpoint of ``engine`` (every rank must call it) under the tag ``global_step<N>``,
+    DeepSpeed's default, and returns the tag's directory. With ``save_rng`` the client state also
+    holds every rank's RNG state (see the module docstring). Then the manifest is written, and only
+    then ``latest`` pointed at the tag."""
     if engine.checkpoint_engine.is_decoupled():
         # Its files are written after save_checkpoint returns, so the manifest would hash partial files.
         raise ValueError("seqpipe_ds.checkpoint.save needs DeepSpeed's synchronous checkpoint engine, "
@@ -133,16 +133,18 @@ def write_manifest(tag_dir: str) -> None:
 
 def write_atomic(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file in the same directory and os.replace, so a
-    reader sees the old content or the new, never a part; a failure removes the temporary file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
+    reader sees the old content or the new, never a part; a failure removes the temporary file.
+    (A plain open, unlike mkstemp's private mode, gives the file the permissions torch.save's get.)"""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 

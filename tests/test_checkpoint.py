@@ -10,10 +10,16 @@ gloo processes (tests/launcher.py).
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import tensor_parallel
 
 import launcher
 from seqpipe_ds import checkpoint, megatron_args
@@ -96,6 +102,11 @@ def test_checkpoints_have_a_manifest_and_latest_names_the_last(dropout_run):
         files = json.loads((ckpt / tag / checkpoint.MANIFEST).read_text())["files"]
         on_disk = sorted(p.name for p in (ckpt / tag).iterdir() if p.name != checkpoint.MANIFEST)
         assert sorted(files) == on_disk and any(name.startswith("layer_") for name in files)
+    # Each stage's model-states file (the one its ranks read on load) holds the RNG states of its
+    # data-parallel ranks: one here.
+    for states in sorted((ckpt / "global_step2").glob("mp_rank_*_model_states.pt")):
+        rng = torch.load(states, map_location="cpu", weights_only=False)[checkpoint.RNG_STATE_KEY]
+        assert len(rng) == 1 and "rng_tracker_states" in rng[0], states.name
 
 
 @pytest.mark.timeout(600)
@@ -109,11 +120,15 @@ def test_resume_with_dropout_is_bit_identical(dropout_run, tmp_path):
 @pytest.mark.timeout(600)
 def test_resume_without_loading_rng_runs_with_other_dropout_masks(dropout_run, resumed_without_rng):
     whole, _ = dropout_run
-    resumed, _ = resumed_without_rng
+    resumed, saved = resumed_without_rng
     assert sorted(resumed) == [3, 4]
     # The generators restart from --seed, so the masks and the losses differ: what the exact
     # resume above depends on.
     assert all(resumed[i] != whole[i] for i in (3, 4)), (resumed, whole)
+    # --no-save-rng: no stage's model-states file has RNG state, so every rank finds it missing.
+    files = sorted((saved / "global_step4").glob("mp_rank_*_model_states.pt"))
+    assert len(files) == 2
+    assert not any(checkpoint.RNG_STATE_KEY in torch.load(f, map_location="cpu", weights_only=False) for f in files)
 
 
 @pytest.mark.timeout(600)
@@ -169,70 +184,64 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def _checks_on_two_ranks(root):
-    """On each of two gloo ranks: writes a small checkpoint's manifest, damages it in turn and returns
-    what verify said each time (a tag or the error), and round-trips the RNG state."""
-    import random
-
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from megatron.core import tensor_parallel
-
-    from seqpipe_ds import checkpoint, parallel
-    parallel.initialize(1, 1, seed=7)  # two data-parallel ranks
+    """On each of two gloo ranks (data-parallel): writes a small checkpoint's manifest, damages the
+    checkpoint in turn and records what verify said each time (the tag or the error), and
+    round-trips and gathers the RNG state."""
+    from seqpipe_ds import parallel
+    parallel.initialize(1, 1, seed=7)
     rank = dist.get_rank()
-    ckpt = os.path.join(root, "ckpt")
-    tag_dir = os.path.join(ckpt, "global_step1")
+    ckpt = Path(root) / "ckpt"
+    tag_dir = ckpt / "global_step1"
     names = ["a.pt", "b.pt", os.path.join("sub", "c.pt")]
     if rank == 0:
-        os.makedirs(os.path.join(tag_dir, "sub"))
+        (tag_dir / "sub").mkdir(parents=True)
         for i, name in enumerate(names):
-            torch.save({"weight": torch.arange(1000.0) * i}, os.path.join(tag_dir, name))
-        with open(os.path.join(ckpt, "latest"), "w") as f:
-            f.write("global_step1")
+            torch.save({"weight": torch.arange(1000.0) * i}, tag_dir / name)
+        (ckpt / "latest").write_text("global_step1")
     dist.barrier()
-    checkpoint.write_manifest(tag_dir)
-    with open(os.path.join(tag_dir, checkpoint.MANIFEST)) as f:
-        seen = {"manifest": json.load(f)}
-    seen["listing"] = sorted(os.path.relpath(os.path.join(d, f), tag_dir) for d, _, fs in os.walk(tag_dir) for f in fs)
+    checkpoint.write_manifest(str(tag_dir))
+    manifest = tag_dir / checkpoint.MANIFEST
+    seen = {"manifest": json.loads(manifest.read_text()),
+            "listing": sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file()),
+            "verdicts": {}}
 
     def check(case, damage=None, undo=None):
         if rank == 0 and damage:
             damage()
         dist.barrier()
         try:
-            seen[case] = checkpoint.verify(ckpt)
+            seen["verdicts"][case] = checkpoint.verify(str(ckpt))
         except ValueError as e:
-            seen[case] = f"ValueError: {e}"
+            seen["verdicts"][case] = f"ValueError: {e}"
         dist.barrier()
         if rank == 0 and undo:
             undo()
 
-    path = {name: os.path.join(tag_dir, name) for name in names}
-    original = {name: open(path[name], "rb").read() for name in names}
+    original = {name: (tag_dir / name).read_bytes() for name in names}
 
     def restore(name):
-        return lambda: open(path[name], "wb").write(original[name])
+        return lambda: (tag_dir / name).write_bytes(original[name])
 
-    def flip(name):
+    def flip_a_bit(name):
         data = bytearray(original[name])
         data[-100] ^= 0x01
-        return lambda: open(path[name], "wb").write(bytes(data))
+        return lambda: (tag_dir / name).write_bytes(bytes(data))
 
     check("intact")
-    check("truncated", lambda: os.truncate(path["a.pt"], 100), restore("a.pt"))
-    check("corrupted", flip("b.pt"), restore("b.pt"))  # b.pt: hashed by rank 1 only
-    check("missing", lambda: os.remove(path["a.pt"]), restore("a.pt"))
-    manifest = os.path.join(tag_dir, checkpoint.MANIFEST)
-    saved_manifest = open(manifest).read()
-    check("bad manifest", lambda: open(manifest, "w").write(saved_manifest[:50]),
-          lambda: open(manifest, "w").write(saved_manifest))
-    check("no manifest, intact", lambda: os.remove(manifest))
-    check("no manifest, truncated", lambda: os.truncate(path[names[2]], 300), restore(names[2]))
-    check("latest names no directory", lambda: open(os.path.join(ckpt, "latest"), "w").write("global_step9"))
-    check("no latest", lambda: os.remove(os.path.join(ckpt, "latest")))
+    check("truncated", lambda: os.truncate(tag_dir / "a.pt", 100), restore("a.pt"))
+    check("corrupted", flip_a_bit("b.pt"), restore("b.pt"))  # b.pt: hashed by rank 1 only
+    check("missing", lambda: (tag_dir / "a.pt").unlink(), restore("a.pt"))
+    text = manifest.read_text()
+    check("bad manifest", lambda: manifest.write_text(text[:50]), lambda: manifest.write_text(text))
+    check("no manifest, intact", manifest.unlink)
+    check("no manifest, truncated", lambda: os.truncate(tag_dir / names[2], 300), restore(names[2]))
+    check("latest names no directory", lambda: (ckpt / "latest").write_text("global_step9"))
+    check("no latest", (ckpt / "latest").unlink)
 
+    torch.manual_seed(100 + rank)  # the ranks' generators differ, so the gathered order shows
     state = checkpoint.get_rng_state()
+    seen["own torch state"] = state["torch_rng_state"]
+    seen["gathered torch states"] = [s["torch_rng_state"] for s in checkpoint._gather_rng_states()]
 
     def draw():
         with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -242,7 +251,6 @@ def _checks_on_two_ranks(root):
     checkpoint.set_rng_state(state)
     again = draw()
     seen["rng round trip"] = all(bool((a == b).all()) if torch.is_tensor(a) else a == b for a, b in zip(first, again))
-    seen["rng gathered"] = len(checkpoint._gather_rng_states())
     return seen
 
 
@@ -255,7 +263,7 @@ def two_ranks(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_every_rank_gets_the_same_verdict(two_ranks):
     (first, second), _ = two_ranks
-    assert first == second
+    assert first["verdicts"] == second["verdicts"]
 
 
 @pytest.mark.timeout(300)
@@ -272,20 +280,26 @@ def test_manifest_lists_every_file_with_size_and_sha256(two_ranks):
 @pytest.mark.timeout(300)
 def test_verify_names_each_damaged_file(two_ranks):
     (seen, _), tag_dir = two_ranks
-    prefix = f"ValueError: checkpoint {tag_dir}: "
-    assert seen["intact"] == seen["no manifest, intact"] == "global_step1"
     size = seen["manifest"]["files"]["a.pt"]["size"]
-    assert seen["truncated"] == prefix + f"file a.pt is truncated (100 bytes, manifest says {size})"
-    assert seen["corrupted"].startswith(prefix + "file b.pt is corrupted (sha256 ")
-    assert seen["missing"] == prefix + "file a.pt is missing"
-    assert seen["bad manifest"].startswith(prefix + f"file {checkpoint.MANIFEST} is unreadable (JSONDecodeError")
-    assert seen["no manifest, truncated"].startswith(prefix + f"file {os.path.join('sub', 'c.pt')} cannot be loaded (")
+    verdicts = seen["verdicts"]
+    prefix = f"ValueError: checkpoint {tag_dir}: "
+    assert verdicts["intact"] == verdicts["no manifest, intact"] == "global_step1"
+    assert verdicts["truncated"] == prefix + f"file a.pt is truncated (100 bytes, manifest says {size})"
+    assert verdicts["corrupted"].startswith(prefix + "file b.pt is corrupted (sha256 ")
+    assert verdicts["missing"] == prefix + "file a.pt is missing"
+    assert verdicts["bad manifest"].startswith(prefix + f"file {checkpoint.MANIFEST} is unreadable (JSONDecodeError")
+    c_pt = os.path.join("sub", "c.pt")
+    assert verdicts["no manifest, truncated"].startswith(prefix + f"file {c_pt} cannot be loaded (RuntimeError: ")
     missing_tag = tag_dir.parent / "global_step9"
-    assert seen["latest names no directory"] == f"ValueError: checkpoint {missing_tag}: no such directory"
-    assert seen["no latest"] is None
+    assert verdicts["latest names no directory"] == f"ValueError: checkpoint {missing_tag}: no such directory"
+    assert verdicts["no latest"] is None
 
 
 @pytest.mark.timeout(300)
-def test_rng_state_round_trips_and_is_gathered_over_data_parallel_ranks(two_ranks):
-    (seen, _), _ = two_ranks
-    assert seen["rng round trip"] and seen["rng gathered"] == 2
+def test_rng_state_round_trips_and_is_gathered_by_data_parallel_rank(two_ranks):
+    seen, _ = two_ranks
+    assert all(rank_seen["rng round trip"] for rank_seen in seen)
+    own = [rank_seen["own torch state"] for rank_seen in seen]
+    assert not torch.equal(*own)
+    for rank_seen in seen:
+        assert all(torch.equal(gathered, mine) for gathered, mine in zip(rank_seen["gathered torch states"], own))
