@@ -7,6 +7,7 @@ exactly ``deepspeed.initialize``.
 """
 import copy
 import functools
+import warnings
 from typing import Tuple
 
 import deepspeed
@@ -16,6 +17,7 @@ from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config
 
 from . import config as seqpipe_config
 from . import protocol, schedules
+from .model import dropout
 from .patches import clip_norm
 from .protocol import sliceable
 from .slicing import SlicePlan, make_plan
@@ -103,8 +105,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         args = copy.copy(args)  # the config travels as a dict; DeepSpeed refuses both at once
         args.deepspeed_config = None
     cfg = seqpipe_config.parse(ds_config)
+    _attention_dropout_notice(model)
     if not cfg.enabled:
-        return deepspeed.initialize(args=args, **kwargs)
+        result = deepspeed.initialize(args=args, **kwargs)
+        if isinstance(result[0], deepspeed.PipelineEngine):
+            dropout.attach(result[0])  # layout-invariant hidden-dropout masks for stock pipelining too
+        return result
     plan, schedule = resolve(ds_config, model)
     from .engine import SeqPipeEngine
     stock = deepspeed.PipelineEngine
@@ -115,3 +121,22 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         return deepspeed.initialize(args=args, **kwargs)
     finally:
         deepspeed.PipelineEngine = stock
+
+
+ATTENTION_DROPOUT_NOTICE = (
+    "seqpipe_ds: --attention-dropout {p} (GPTConfig.attention_dropout): attention-dropout masks come from torch's "
+    "generator, so they are NOT those of the unsliced step, nor the same across layouts: the log-sum-exp attention "
+    "kernels that slices merge take no dropout mask, so with dropout a sliced attention runs one SDPA over the "
+    "concatenated K/V instead. Hidden dropout is exact and layout-invariant (seqpipe_ds.model.dropout); set "
+    "--attention-dropout 0 for the same training math as stock DeepSpeed and one process.")
+
+
+def _attention_dropout_notice(model) -> None:
+    """One notice at start (global rank 0) when attention dropout is on: its masks are the one part
+    of the training math that differs between a sliced and an unsliced step."""
+    gpt = getattr(model, "gpt_config", None)
+    if gpt is None or not gpt.attention_dropout:
+        return
+    import torch.distributed as torch_dist
+    if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
+        warnings.warn(ATTENTION_DROPOUT_NOTICE.format(p=gpt.attention_dropout), stacklevel=3)

@@ -17,6 +17,7 @@ from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from .attention import KVCache
+from .model import dropout
 from .schedules import Action, instructions as ins, lower
 from .slicing import SlicePlan
 
@@ -86,7 +87,7 @@ class SeqPipeEngine(PipelineEngine):
         # The first stage's inputs are token ids (no gradient to send back); later stages keep
         # theirs until SendSliceGrad.
         inputs = self._inputs.pop(key) if self.is_first_stage() else self._inputs[key]
-        with self._traced("F", key), self._caches[cache_key].slice(s):
+        with self._traced("F", key), self._caches[cache_key].slice(s), dropout.samples(self._samples(key)):
             outputs = DeepSpeedEngine.forward(self, inputs)
         if not self.is_last_stage():
             self._outputs[key] = outputs
@@ -94,6 +95,13 @@ class SeqPipeEngine(PipelineEngine):
         loss = self.module.loss_fn(outputs, self._labels.pop(key), normalizer=self._normalizers[micro_batch])
         self._losses[key] = loss
         self.total_loss = loss.detach().clone() if self.total_loss is None else self.total_loss + loss.detach()
+
+    def _samples(self, key):
+        """The hidden-dropout key of a unit: the global sample numbers of its batch slice's rows."""
+        micro_batch, b, _ = key
+        whole = dropout.engine_samples(self, micro_batch)
+        first = sum(self.slice_plan.batch_slices[:b])
+        return dropout.Samples(whole.seed, whole.numbers[first:first + self.slice_plan.batch_slices[b]])
 
     def _exec_backward_slice(self, micro_batch, unit):
         key = (micro_batch, *unit)

@@ -3,6 +3,13 @@
 A layer can take a sequence slice when it is position-wise or, like attention, finds earlier
 positions through ``attention.current()``. Nothing in a layer list says which is which, so layers
 declare it with ``@sliceable``; the loss must accept the normalizer of the whole micro-batch.
+
+What else the runtime reads from a pipeline module, all optional:
+
+- ``gpt_config``: its ``GPTConfig`` (plans, position checks, the attention-dropout notice);
+- ``activation_dims(batch, tokens)``: leading dims of the tensors passed between stages;
+- ``dropout_seed``: the seed of the hidden-dropout masks (``model.dropout``; 0 if absent). The
+  engines key every forward with its samples' global numbers (``model.dropout.samples``).
 """
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 

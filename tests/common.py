@@ -5,6 +5,10 @@ from seqpipe_ds.model import GPTConfig
 
 TINY = dict(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=128, max_position_embeddings=64)
 RTOL = 1e-5
+# The exactness matrices' model options and bound: float64 throughout, Megatron's default hidden
+# dropout (test_engine_exact.py says why 1e-10 holds on any CPU).
+EXACT_MODEL = dict(params_dtype=torch.float64, hidden_dropout=0.1)
+RTOL64 = 1e-10
 
 
 def tiny_config(**overrides) -> GPTConfig:

@@ -6,7 +6,7 @@ at every step (when the optimizer exposes them: fp32 without ZeRO), and the fina
 """
 import torch
 
-from common import make_batch, tiny_config
+from common import make_batch, rel_err, tiny_config
 
 STEPS = 3
 SEQ = 16
@@ -36,16 +36,20 @@ def ds_config(case, seqpipe=None):
 
 
 def reference_case(case):
-    """The single-process run of a case: the same micro-batches, all on one rank."""
+    """The single-process run of a case: the same micro-batches, all on one rank (and so without
+    sequence parallelism, which needs TP > 1)."""
     ref = {k: v for k, v in case.items() if k not in ("pp", "tp", "dp")}
     ref["gas"] = case.get("gas", 1) * case.get("dp", 1)
+    ref["model"] = {k: v for k, v in case.get("model", {}).items() if k != "sequence_parallel"}
     return ref
 
 
 def micro_batches(case, step, dp_rank):
-    """The micro-batches of one DP rank in one step; all DP ranks together cover the global batch."""
-    gas, mbs = case.get("gas", 1), case["mbs"]
-    return [make_batch(mbs, SEQ, VOCAB, seed=1000 * step + dp_rank * gas + i) for i in range(gas)]
+    """The micro-batches of one DP rank in one step; all DP ranks together cover the global batch,
+    in Megatron's sampler order (micro-batch i of DP rank r is the global batch's (i · DP + r)-th),
+    which the hidden-dropout masks are keyed by (seqpipe_ds.model.dropout.sample_numbers)."""
+    gas, mbs, dp = case.get("gas", 1), case["mbs"], case.get("dp", 1)
+    return [make_batch(mbs, SEQ, VOCAB, seed=1000 * step + i * dp + dp_rank) for i in range(gas)]
 
 
 def full(module, name, tensor):
@@ -60,13 +64,28 @@ def full(module, name, tensor):
     return torch.cat(parts, dim=param.partition_dim).float()
 
 
+def allow_float64_gradient_reduction():
+    """DeepSpeed's gradient all-reduce buckets gradients by the accelerator's ``supported_dtypes()``,
+    which lists no float64 (runtime/engine.py, split_half_float_double_sparse, asserts on it), although
+    its buckets and the process groups carry float64 fine. The float64 exactness runs add it for this
+    process; nothing else in DeepSpeed is changed."""
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator()
+    supported = accelerator.supported_dtypes()
+    if torch.float64 not in supported:
+        accelerator.supported_dtypes = lambda: [*supported, torch.float64]
+
+
 def train(case, seqpipe=None, steps=range(STEPS), load=None, save=None):
     import seqpipe_ds
     from seqpipe_ds import parallel
     from seqpipe_ds.model import gpt_pipeline
+    allow_float64_gradient_reduction()
     topo = parallel.initialize(tensor_parallel_size=case.get("tp", 1), pipeline_parallel_size=case.get("pp", 1))
     model = gpt_pipeline(tiny_config(**case.get("model", {})), topo, seed=11,  # "model": GPTConfig options
                          activation_checkpoint_interval=case.get("checkpoint_interval", 0))
+    if case.get("upcast"):  # the float64 truth of a lower-precision case: its initial weights, in float64
+        model.to(torch.float64)
     engine, optimizer, _, _ = seqpipe_ds.initialize(model=model, model_parameters=model.parameters(),
                                                     config=ds_config(case, seqpipe))
     grads = []
@@ -105,6 +124,15 @@ def merge(rank_results):
             "grads": [{k: v for r in reporting for k, v in r["grads"][s].items()}
                       for s in range(len(reporting[0]["grads"]))],
             "params": {k: v for r in reporting for k, v in r["params"].items()}}
+
+
+def errors_by_group(actual, truth):
+    """Worst relative error of each compared group: losses, grads of each step, final params."""
+    out = {"losses": rel_err(torch.tensor(actual["losses"]), torch.tensor(truth["losses"]))}
+    for step, (a, e) in enumerate(zip(actual["grads"], truth["grads"])):  # where the optimizer exposes them
+        out[f"grads step {step}"] = max(rel_err(a[k], e[k]) for k in a)
+    out["params"] = max(rel_err(v, truth["params"][k]) for k, v in actual["params"].items())
+    return out
 
 
 def run_layouts(layouts, train_many_fn=None, timeout=900):

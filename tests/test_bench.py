@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from seqpipe_ds.schedules import SCHEDULES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,7 +26,7 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SEQPIPE_DIST_TIMEOUT_MIN": "3"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    seqpipe = [f"{s} {v}" for s in ("terapipe", "slice-1f1b") for v in ("uniform 2", "planned")] + ["makespan planned"]
+    seqpipe = [f"{s} {v}" for s in SCHEDULES for v in ("uniform 2", "planned")] + ["makespan planned"]
     for name in ("stock DeepSpeed", *seqpipe, "ideal (1 process / 2)"):
         assert name in done.stdout
     result = json.loads((tmp_path / "bench.json").read_text())

@@ -1,18 +1,22 @@
-"""seqpipe training runs beyond the exactness matrix: checkpoint resume, bf16."""
+"""seqpipe training runs beyond the exactness matrix: checkpoint resume with dropout on, bf16, a
+planned slicing."""
 import pytest
 import torch
 
 import engine_cases
 import launcher
-from common import assert_close
+from common import EXACT_MODEL, RTOL64, assert_close
+from engine_cases import errors_by_group
+from seqpipe_ds.schedules import SCHEDULES
 
-CASE = dict(pp=2, mbs=2, gas=2)
+CASE = dict(pp=2, mbs=2, gas=2, model={"hidden_dropout": 0.1})
 SLICING = {"seq_slices": [7, 5, 4], "batch_slices": 2}
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("schedule", ["terapipe", "slice-1f1b"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_resume_continues_the_identical_loss_curve(tmp_path, schedule):
+    """With hidden dropout on: its masks are keyed by the iteration, which the checkpoint restores."""
     slicing = dict(SLICING, schedule=schedule)
     whole = launcher.run(engine_cases.train, 2, case=CASE, seqpipe=slicing, steps=range(5))
     first = launcher.run(engine_cases.train, 2, case=CASE, seqpipe=slicing, steps=range(2), save=str(tmp_path))
@@ -24,23 +28,27 @@ def test_resume_continues_the_identical_loss_curve(tmp_path, schedule):
                  what="parameters after step 5")
 
 
-# bf16 keeps ~3 significant digits and slices round their partial sums separately; over 3 Adam
-# steps the loss stays within 1e-2 and the parameters within 5e-2 (relative, per tensor).
-BF16_LOSS_RTOL, BF16_PARAM_RTOL = 1e-2, 5e-2
+# bf16 against the float64 truth of the same initial weights: a sliced run's error may be at most
+# this many times stock DeepSpeed's own bf16 error (measured on an Intel Xeon: 0.5-1.3x).
+BF16_FACTOR = 4
 
 
-@pytest.mark.timeout(300)
-def test_bf16_matches_stock_within_bf16_precision():
+@pytest.mark.timeout(400)
+def test_bf16_error_is_that_of_stock_deepspeed():
     case = dict(CASE, bf16=True)
     stock, *sliced = zip(*launcher.run(engine_cases.train_many, 2, runs=[
-        (case, None), *[(case, dict(SLICING, schedule=name)) for name in ("terapipe", "slice-1f1b")]]))
+        (case, None), *[(case, dict(SLICING, schedule=name)) for name in SCHEDULES]]))
+    truth = engine_cases.merge(launcher.run(engine_cases.train_many, 1, timeout=300, runs=[
+        ({**engine_cases.reference_case(CASE), "upcast": True}, None)])[0])
     assert {r["dtype"] for run in (stock, *sliced) for r in run} == {"torch.bfloat16"}
     stock = engine_cases.merge(stock)
-    for run in sliced:
-        run = engine_cases.merge(run)
-        assert_close({"loss": torch.tensor(run["losses"])}, {"loss": torch.tensor(stock["losses"])}, BF16_LOSS_RTOL,
-                     "bf16 loss")
-        assert_close(run["params"], stock["params"], BF16_PARAM_RTOL, "bf16 params")
+    stock_errors = errors_by_group(stock, truth)
+    assert all(1e-5 < e < 0.1 for e in stock_errors.values()), f"stock bf16 vs float64 truth: {stock_errors}"
+    for name, run in zip(SCHEDULES, sliced):
+        errors = errors_by_group(engine_cases.merge(run), truth)
+        print(name, {k: round(e / stock_errors[k], 2) for k, e in errors.items()})
+        bad = {k: (e, stock_errors[k]) for k, e in errors.items() if not e <= BF16_FACTOR * stock_errors[k]}
+        assert not bad, f"{name}: bf16 error above {BF16_FACTOR} x stock's (error, stock's): {bad}"
     assert stock["losses"][-1] < stock["losses"][0]
 
 
@@ -67,11 +75,12 @@ def test_planned_run_matches_stock(tmp_path):
     plan_path = str(tmp_path / "dp_results.json")
     plan = _planned_slicing(plan_path)
     assert any(len(set(s)) > 1 for s in plan.input_slices) or len(plan.batch_slices) > 1  # a non-trivial plan
-    stock, planned = zip(*launcher.run(engine_cases.train_many, 2, runs=[(CASE, None), (CASE, {"plan": plan_path})]))
+    case = dict(CASE, model=EXACT_MODEL)
+    stock, planned = zip(*launcher.run(engine_cases.train_many, 2, runs=[(case, None), (case, {"plan": plan_path})]))
     used = planned[0]["slice_plan"]
     assert (list(used.batch_slices), [list(s) for s in used.seq_slices]) == (plan.batch_slices, plan.input_slices)
     stock, planned = engine_cases.merge(stock), engine_cases.merge(planned)
-    assert_close({"loss": torch.tensor(planned["losses"])}, {"loss": torch.tensor(stock["losses"])}, what="loss")
+    assert_close({"loss": torch.tensor(planned["losses"])}, {"loss": torch.tensor(stock["losses"])}, RTOL64, "loss")
     for step, (a, e) in enumerate(zip(planned["grads"], stock["grads"])):
-        assert_close(a, e, what=f"grads step {step}")
-    assert_close(planned["params"], stock["params"], what="params")
+        assert_close(a, e, RTOL64, f"grads step {step}")
+    assert_close(planned["params"], stock["params"], RTOL64, "params")

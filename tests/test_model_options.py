@@ -50,8 +50,15 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
+def _samples(rows=slice(None)):
+    """The hidden-dropout key of the batch's rows (seqpipe_ds.model.dropout): rows are samples 0, 1, ..."""
+    from seqpipe_ds.model import dropout
+    return dropout.samples(dropout.Samples(seed=3, numbers=torch.arange(BATCH)[rows]))
+
+
 def _run_whole(module, batch):
-    loss = module.loss_fn(module(batch[0]), batch[1])
+    with _samples():
+        loss = module.loss_fn(module(batch[0]), batch[1])
     loss.backward()
     return loss.detach()
 
@@ -65,7 +72,7 @@ def _run_sliced(module, batch, batch_slices=BATCH_SLICES):
         cache = KVCache(capacity=module.gpt_config.max_position_embeddings)
         losses = []
         for j, (inputs, labels) in enumerate(_split(batch, rows, lengths)):
-            with cache.slice(j):
+            with cache.slice(j), _samples(rows):
                 losses.append(module.loss_fn(module(inputs), labels, normalizer=normalizer))
         for j in reversed(range(len(lengths))):
             torch.autograd.backward(*cache.backward_args(j, [losses[j]], [None]))

@@ -132,7 +132,7 @@ def test_megatron_cpu_shim(megatron_runs, check):
 @pytest.mark.timeout(150)
 def test_apply_all_idempotent(megatron_runs):
     for res in megatron_runs[True]:
-        assert res["applied"] == [["megatron_cpu", "deepspeed_shm", "gloo_exit", "clip_norm"]] * 3
+        assert res["applied"] == [["megatron_cpu", "deepspeed_shm", "gloo_exit", "clip_norm", "cross_entropy_dtype"]] * 3
 
 
 @pytest.mark.timeout(60)
@@ -150,8 +150,8 @@ def test_megatron_shim_skipped_with_cuda():
     """
     [(rc, res, err)] = run_procs(probe, patch=True)
     assert rc == 0, err
-    # DS_ACCELERATOR=cpu keeps deepspeed_shm; clip_norm is a correctness fix, needed with CUDA as well
-    assert res["applied"] == ["deepspeed_shm", "clip_norm"] and res["unchanged"]
+    # DS_ACCELERATOR=cpu keeps deepspeed_shm; clip_norm and cross_entropy_dtype are needed with CUDA as well
+    assert res["applied"] == ["deepspeed_shm", "clip_norm", "cross_entropy_dtype"] and res["unchanged"]
 
 
 @pytest.mark.timeout(60)
@@ -196,3 +196,35 @@ def test_unverified_version_warns():
         warn_if_unverified("megatron_cpu", "megatron-core", ("0.16",))
         warn_if_unverified("megatron_cpu", "megatron-core", ("9.9",))
     assert len(caught) == 1 and "unverified" in str(caught[0].message)
+
+
+def _cross_entropies():
+    import torch
+    import torch.nn.functional as F
+    from megatron.core import tensor_parallel
+
+    from seqpipe_ds import parallel
+    parallel.initialize()
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 50, (3, 7), generator=g)
+    out = {}
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        logits = (4 * torch.randn(3, 7, 50, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+        reference = logits.detach().double().requires_grad_()  # before: megatron works in place on fp32 logits
+        expected = F.cross_entropy(reference.view(-1, 50), target.view(-1), reduction="none").view(3, 7)
+        expected.sum().backward()
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, target)
+        loss.sum().backward()
+        out[str(dtype)] = (str(loss.dtype), str(logits.grad.dtype), (loss.double() - expected).abs().max().item(),
+                           (logits.grad.double() - reference.grad).abs().max().item())
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_cross_entropy_keeps_float64_and_promotes_the_rest_to_float32():
+    import launcher
+    out = launcher.run(_cross_entropies, 1)[0]
+    loss_dtype, grad_dtype, loss_err, grad_err = out["torch.float64"]
+    assert (loss_dtype, grad_dtype) == ("torch.float64", "torch.float64") and loss_err < 1e-13 and grad_err < 1e-15
+    assert out["torch.float32"][:2] == ("torch.float32", "torch.float32") and out["torch.float32"][2] < 1e-5
+    assert out["torch.bfloat16"][:2] == ("torch.float32", "torch.bfloat16")  # bf16 logits: fp32 loss, as before

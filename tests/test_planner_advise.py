@@ -9,6 +9,7 @@ from seqpipe_ds.cli.plan import main
 from seqpipe_ds.planner.advise import advise, factorisations, flop_rate_costs, load_cluster, parse_rate
 from seqpipe_ds.planner.memory_model import MemoryModel, analytic_bytes_per_token, stage_parameters
 from seqpipe_ds.planner.search import evaluate
+from seqpipe_ds.schedules import SCHEDULES
 from seqpipe_ds.slicing import SlicePlan
 
 MODEL = {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 64,
@@ -32,7 +33,7 @@ def brute_force(tiny, tp, pp, dp):
                                     analytic_bytes_per_token(MODEL, tp, layers, "bf16"),
                                     "bf16", 0, dp)
     batch, units, best = BATCH // dp, MODEL["seq_length"] // G, None
-    for schedule in ("terapipe", "slice-1f1b"):
+    for schedule in SCHEDULES:
         for mb in (m for m in range(1, batch + 1) if batch % m == 0):
             for grouping in {(mb,), (1,) * mb}:
                 for cuts in itertools.product([0, 1], repeat=units - 1):
@@ -80,7 +81,7 @@ def test_cli_advise_writes_table_plan_and_launch_flags(tmp_path, capsys):
     assert "| TP | PP | DP | schedule |" in printed and "does not fit: TP" in printed
     assert "deepspeed --num_nodes 2 --num_gpus 2" in printed and "--tensor-model-parallel-size" in printed
     entry = json.loads(plans.read_text())[0]
-    assert entry["schedule"] in ("terapipe", "slice-1f1b") and entry["tp"] * entry["pp"] * entry["dp"] == 4
+    assert entry["schedule"] in SCHEDULES and entry["tp"] * entry["pp"] * entry["dp"] == 4
     assert max(entry["predicted_peak_bytes"]) <= 2200 * 2 ** 10
 
 

@@ -8,6 +8,7 @@ import pytest
 from seqpipe_ds.planner import solve
 from seqpipe_ds.planner.memory_model import MemoryModel
 from seqpipe_ds.planner.search import StageCosts, equal_flop_lengths, evaluate, neighbours, search
+from seqpipe_ds.schedules import SCHEDULES
 from seqpipe_ds.slicing import SlicePlan, even_split
 
 SEQ, G = 64, 8  # 8 units: 128 slicings of a sequence
@@ -43,7 +44,7 @@ def compositions(units):
 def brute_force(costs, batch, memory=None, limit=None):
     """Every schedule, micro-batch split and sequence slicing (shared by the batch slices of a micro-batch)."""
     best = None
-    for schedule in ("terapipe", "slice-1f1b"):
+    for schedule in SCHEDULES:
         for mb in [m for m in range(1, batch + 1) if batch % m == 0]:
             for grouping in {(mb,), (1,) * mb}:
                 for lengths in compositions(SEQ // G):
@@ -100,7 +101,7 @@ def test_never_worse_than_dp_uniform_and_equal_flop(seed):
     for k in (1, 2, 4, 8):
         for lengths in ([g * u for u in even_split(units, k)], equal_flop_lengths(seq, k, g, costs.hidden_size)):
             others.append(SlicePlan((batch,), (tuple(lengths),)))
-    for schedule in ("terapipe", "slice-1f1b"):
+    for schedule in SCHEDULES:
         for plan in others:
             other = evaluate(costs, schedule, 1, plan, memory)
             if other.peak <= limit:
@@ -163,7 +164,7 @@ def test_cli_solve_under_a_memory_limit_writes_schedule_time_and_peak(tmp_path, 
     assert main(["solve", str(model), "--num-stages", "2", "--batch-size", "2", "--memory-limit", str(limit),
                  "--plan-file", str(plans), "--global-batch-size", "2"]) == 0
     entry = next(e for e in json.loads(plans.read_text()) if e.get("global_batch_size") == 2)
-    assert entry["schedule"] in ("terapipe", "slice-1f1b") and entry["latency"] >= unlimited["latency"]
+    assert entry["schedule"] in SCHEDULES and entry["latency"] >= unlimited["latency"]
     assert max(entry["predicted_peak_bytes"]) <= limit
     found = find_plan(str(plans), model={"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
                                          "vocab_size": 128}, micro_batch_size=entry["micro_batch_size"], tp=1, pp=2,

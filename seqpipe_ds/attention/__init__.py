@@ -6,7 +6,7 @@
 - ``blocks``: ``attend``, the entry point, and the block attention that merges per-block
   outputs by their log-sum-exps, with no concatenation and no mask.
 """
-from .blocks import BlockAttention, attend
+from .blocks import BlockAttention, accumulation_dtype, attend
 from .cache import KVCache, current
 
-__all__ = ["BlockAttention", "KVCache", "attend", "current"]
+__all__ = ["BlockAttention", "KVCache", "accumulation_dtype", "attend", "current"]

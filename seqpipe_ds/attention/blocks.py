@@ -18,7 +18,7 @@ Saved for backward: Q, own K/V, the merged O and L, and references to the cached
 storage the earlier slices hold anyway. So the K/V bytes a slice saves do not grow with the
 number of slices (the concatenating version saved a fresh copy of all earlier K/V per slice).
 """
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +86,22 @@ class BlockAttention(torch.autograd.Function):
         for i, aux in enumerate(ctx.auxes):
             block_dq, block_dk, block_dv = ctx.kernel.backward(grad_out, q, kv[2 * i], kv[2 * i + 1], out, lse, aux,
                                                                i == 0)
-            # dQ summed in fp32: in bf16 the per-block shares would round at every addition.
-            dq = block_dq.float() if dq is None else dq.add_(block_dq)
+            # dQ summed in at least fp32: in bf16 the per-block shares would round at every addition.
+            dq = block_dq.to(accumulation_dtype(q.dtype)) if dq is None else dq.add_(block_dq)
             grads += [block_dk, block_dv]
         return None, dq.to(q.dtype), *grads
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of ``dtype`` values are taken in: at least fp32 (bf16/fp16 promoted), fp64
+    kept, so that a float64 model is float64 throughout and an exact comparison can be tight."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _merge(out: Optional[torch.Tensor], lse: Optional[torch.Tensor], part: torch.Tensor,
            part_lse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Running softmax merge in fp32 of (out, lse) with one more block's (part, part_lse)."""
-    part = part.float()
+    """Running softmax merge, in at least fp32, of (out, lse) with one more block's (part, part_lse)."""
+    part = part.to(accumulation_dtype(part.dtype))
     if out is None:
         return part, part_lse
     merged = torch.logaddexp(lse, part_lse)  # (B, nh, s)

@@ -87,7 +87,7 @@ def _parser():
     p.add_argument("--full", action="store_true",
                    help="the README's full-size comparison: hidden 1024, 16 heads, uniform 4 and 8, 2 + 5 iterations")
     p.add_argument("--uniform", type=int, nargs="*", help="uniform slice counts to time (default 4; --full: 4 8)")
-    p.add_argument("--schedules", nargs="+", default=["terapipe", "slice-1f1b"], choices=sorted(SCHEDULES),
+    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=sorted(SCHEDULES),
                    help="seqpipe schedules to time, each on every slicing")
     p.add_argument("--plan", help="use this plan file instead of profiling (needs --latency-model for predictions)")
     p.add_argument("--latency-model", help="fitted latency model (seqpipe-plan fit) for predicted times")

@@ -109,6 +109,9 @@ class GPTConfig:
         if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
             problems.append(f"recompute_granularity {self.recompute_granularity!r} is not one of None, 'full', "
                             "'selective'")
+        for field in ("hidden_dropout", "attention_dropout"):
+            if not 0 <= getattr(self, field) < 1:
+                problems.append(f"{field} {getattr(self, field)} is not in [0, 1)")
         if not 0 < self.rotary_percent <= 1:
             problems.append(f"rotary_percent {self.rotary_percent} is not in (0, 1]")
         return problems

@@ -46,6 +46,7 @@ def gpt_pipeline(config: GPTConfig, topology: ProcessTopology, seed: int = 1234,
     # which with slicing would run once per slice.
     module.seed_layers = False
     module.gpt_config = config  # lets seqpipe_ds.initialize match plans and check positions
+    module.dropout_seed = seed  # the hidden-dropout masks' seed (model/dropout.py)
     if config.sequence_parallel:  # the engine's receive buffers: megatron's (T / TP, B, h) between layers
         tp = parallel_state.get_tensor_model_parallel_world_size()
         module.activation_dims = lambda batch, tokens: (tokens // tp, batch)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import attention
 from ..protocol import sliceable
+from . import dropout
 from .config import GPTConfig
 
 
@@ -37,7 +38,8 @@ class EmbeddingPipe(nn.Module):
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
                                                     dtype=config.params_dtype)
             init(self.position_embeddings.weight)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = dropout.HiddenDropout(config.hidden_dropout, dropout.stream_id(None, 0),
+                                             config.sequence_parallel)
 
     def forward(self, inputs):
         tokens, position_ids = inputs
@@ -53,13 +55,8 @@ class EmbeddingPipe(nn.Module):
         if tokens.shape[1] % tp:
             raise ValueError(f"sequence parallelism: a slice of {tokens.shape[1]} tokens does not split over "
                              f"{tp} TP ranks")
-        # (T / TP, B, h): this rank's contiguous share of the tokens
-        hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden.transpose(0, 1).contiguous())
-        if not self.dropout.p:
-            return hidden
-        # As megatron-core's embedding: the TP ranks hold different tokens, so their masks must differ.
-        with tensor_parallel.get_cuda_rng_tracker().fork():
-            return self.dropout(hidden)
+        # (T / TP, B, h): this rank's contiguous share of the tokens, dropped by their own positions
+        return self.dropout(tensor_parallel.scatter_to_sequence_parallel_region(hidden.transpose(0, 1).contiguous()))
 
 
 @sliceable
@@ -209,13 +206,13 @@ def recomputed(function, *inputs):
     slice the rerun re-enters that slice of the KV cache (``KVCache.replay``), which reads the
     earlier slices' K/V and records nothing; set here, in the rerun itself, it holds on whichever
     thread autograd runs the rerun, where the ContextVar the forward set is not visible."""
-    cache = attention.current()
+    cache, key = attention.current(), dropout.current()
     replay = cache.replayer() if cache is not None else contextlib.nullcontext
 
     def run(*args):
         if not torch.is_grad_enabled():  # the first run, under no_grad, inside the running slice
             return function(*args)
-        with replay():
+        with replay(), dropout.samples(key):  # the rerun's hidden dropout draws the first run's masks
             return function(*args)
     return tensor_parallel.checkpoint(run, False, *inputs)
 
@@ -259,7 +256,10 @@ class TransformerLayer(nn.Module):
         self.self_attention = SelfAttention(config, layer_number)
         self.pre_mlp_layernorm = norm(config)
         self.mlp = MLP(config)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.attention_dropout = dropout.HiddenDropout(config.hidden_dropout, dropout.stream_id(layer_number, 0),
+                                                       config.sequence_parallel)
+        self.mlp_dropout = dropout.HiddenDropout(config.hidden_dropout, dropout.stream_id(layer_number, 1),
+                                                 config.sequence_parallel)
         self.recompute = config.recompute_granularity == "full"
         _sum_sequence_parallel_grads(self, [self.input_layernorm, self.pre_mlp_layernorm], config)
 
@@ -267,8 +267,8 @@ class TransformerLayer(nn.Module):
         return recomputed(self._forward, x) if self.recompute and torch.is_grad_enabled() else self._forward(x)
 
     def _forward(self, x):
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x)))
-        return x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
+        x = x + self.attention_dropout(self.self_attention(self.input_layernorm(x)))
+        return x + self.mlp_dropout(self.mlp(self.pre_mlp_layernorm(x)))
 
 
 # Two classes rather than one wrapper module keep the final norm's parameter names ("<n>.weight").
@@ -298,7 +298,11 @@ class GPTLoss:
 
     def __call__(self, logits, labels, normalizer=None):
         labels, loss_mask = labels
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+        # megatron-core computes the per-token losses in fp32 whatever the logits' dtype
+        # (cross_entropy.py casts them), identically in every layout; their sum, whose order slicing
+        # changes, is taken in at least fp32 (fp64 for a float64 model).
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+        losses = losses.to(attention.accumulation_dtype(logits.dtype))
         if normalizer is None:
             normalizer = self.normalizer((labels, loss_mask))
         return (losses * loss_mask).sum() / normalizer

@@ -26,13 +26,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..schedules import Costs, lower, simulate
+from ..schedules import SCHEDULES, Costs, lower, simulate
 from ..schedules.actions import FORWARD
 from ..slicing import SlicePlan, even_split
 from .memory_model import MemoryModel, format_bytes
 from .solve import solve
 
-SCHEDULE_NAMES = ("terapipe", "slice-1f1b")
+SCHEDULE_NAMES = tuple(SCHEDULES)  # every registered schedule
 _UNIFORM_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 _CLIMB_STARTS = 3  # best candidates per (schedule, micro-batch size) that local moves start from
 
