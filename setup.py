@@ -13,6 +13,10 @@ INSTALL_REQUIRES = [
     "tqdm",
     "matplotlib",
     "pydantic>=2",
+    # seqpipe-data's encoders (GPT-2 BPE from vocab.json/merges.txt, any tokenizer.json); Rust, no hub access
+    "tokenizers>=0.15",
+    # torch.utils.tensorboard writes the event files; it needs this package's protobufs
+    "tensorboard",
 ]
 
 setup(
@@ -31,6 +35,8 @@ setup(
         "console_scripts": [
             "seqpipe-plan=seqpipe_ds.cli.plan:main",
             "seqpipe-bench=seqpipe_ds.cli.bench:main",
+            "seqpipe-data=seqpipe_ds.cli.data:main",
+            "seqpipe-compare=seqpipe_ds.cli.compare:main",
         ]
     },
 )

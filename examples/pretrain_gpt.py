@@ -14,8 +14,11 @@ A Llama-style model takes Megatron-LM's flags for it, e.g. adding
 
 (and with --tensor-model-parallel-size 2, --sequence-parallel).
 
-Without --data-path it trains on the embedded corpus (seqpipe_ds/data/corpus). Arguments are
-parsed and checked by seqpipe_ds.megatron_args; see --help.
+Without --data-path it trains on the embedded corpus (seqpipe_ds/data/corpus), encoded with the
+--tokenizer-type given (GPT2BPETokenizer with --vocab-file/--merge-file, HuggingFaceTokenizer with
+--tokenizer-model, as seqpipe-data encodes raw text). --tensorboard-dir adds TensorBoard scalars under
+Megatron-LM's names (seqpipe_ds.tensorboard_log). Arguments are parsed and checked by
+seqpipe_ds.megatron_args; see --help.
 """
 import json
 import resource
@@ -30,6 +33,7 @@ import seqpipe_ds
 from seqpipe_ds import checkpoint, megatron_args, parallel
 from seqpipe_ds.data import build_datasets, build_tokenizer, embedded_corpus_prefix, padded_vocab_size, pipeline_batches
 from seqpipe_ds.model import gpt_pipeline
+from seqpipe_ds.tensorboard_log import TensorBoardLog
 
 
 def flops_per_iteration(args, vocab_size):
@@ -50,13 +54,18 @@ def peak_memory_bytes():
 
 
 class RunLog:
-    """Every record as a JSON line to --log-file, a progress bar, and every --log-interval
-    iterations a console line; all on global rank 0 only."""
+    """Every record as a JSON line to --log-file, as TensorBoard scalars to --tensorboard-dir, a
+    progress bar, and every --log-interval iterations a console line; all on global rank 0 only
+    (DeepSpeed hands every stage the loss; the peak memory is rank 0's, the fullest stage)."""
 
     def __init__(self, args, first_iteration):
         self.active = torch.distributed.get_rank() == 0
         self.log_interval = args.log_interval
         self.file = open(args.log_file, "a", encoding="utf-8") if self.active and args.log_file else None
+        self.tensorboard = None
+        if self.active and args.tensorboard_dir:
+            self.tensorboard = TensorBoardLog(args.tensorboard_dir, args.tensorboard_log_interval,
+                                              args.global_batch_size)
         self.bar = tqdm(total=args.train_iters, initial=first_iteration, disable=not self.active,
                         file=sys.stdout, dynamic_ncols=True)
 
@@ -66,6 +75,8 @@ class RunLog:
         if self.file:
             self.file.write(json.dumps(entry) + "\n")
             self.file.flush()
+        if self.tensorboard:
+            self.tensorboard.record(entry)
         if entry["iteration"] % self.log_interval == 0:
             self.bar.write(json.dumps(entry))
         self.bar.update(advance)
@@ -75,6 +86,8 @@ class RunLog:
         self.bar.close()
         if self.file:
             self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 def evaluate(engine, valid_batches, args):
@@ -86,7 +99,7 @@ def main():
     args = megatron_args.parse_args()
     topology = parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
 
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
     vocab_size = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
     train_set, valid_set, _ = build_datasets(args.data_path or embedded_corpus_prefix(tokenizer), tokenizer,
                                              args.seq_length, args.split, megatron_args.num_samples(args), args.seed)

@@ -13,7 +13,7 @@ from megatron.core.datasets.utils import get_blend_from_list
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from seqpipe_ds.data.indexed import require_indexed_dataset
-from seqpipe_ds.data.tokenizer import BYTE_LEVEL, GPT2_BPE, TOKENIZER_TYPES, build_tokenizer
+from seqpipe_ds.data.tokenizer import BYTE_LEVEL, TOKENIZER_TYPES, build_tokenizer
 from seqpipe_ds.model import GPTConfig
 from seqpipe_ds.model.config import NORMALIZATIONS, POSITION_EMBEDDING_TYPES
 
@@ -23,7 +23,7 @@ _POSITIVE = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "
              "micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
              "pipeline_model_parallel_size", "train_iters", "log_interval", "eval_interval", "save_interval",
              "ffn_hidden_size", "num_query_groups", "rotary_base", "norm_epsilon", "init_method_std",
-             "recompute_num_layers")
+             "recompute_num_layers", "tensorboard_log_interval")
 
 
 def build_parser():
@@ -94,6 +94,7 @@ def build_parser():
     data.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=BYTE_LEVEL)
     data.add_argument("--vocab-file", default=None)
     data.add_argument("--merge-file", default=None)
+    data.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: a local tokenizer.json")
 
     logging = parser.add_argument_group("checkpointing and logging")
     logging.add_argument("--save", default=None)
@@ -107,6 +108,10 @@ def build_parser():
     logging.add_argument("--eval-interval", type=int, default=1000)
     logging.add_argument("--eval-iters", type=int, default=100)
     logging.add_argument("--log-file", default=None, help="append one JSON object per logged iteration")
+    logging.add_argument("--tensorboard-dir", default=None,
+                         help="write TensorBoard scalars (Megatron-LM's names) to this directory")
+    logging.add_argument("--tensorboard-log-interval", type=int, default=1,
+                         help="write them every this many iterations")
 
     # The deepspeed launcher passes --local_rank=N; torch's launchers spell it --local-rank.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -165,11 +170,8 @@ def validate_args(args, world_size):
         raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save (the checkpoint directory)")
-    if args.tokenizer_type == GPT2_BPE:
-        if not args.data_path:
-            raise ValueError(f"--tokenizer-type {GPT2_BPE} needs --data-path: it reads data already "
-                             "preprocessed with that tokenizer and cannot encode the embedded corpus")
-        build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    # Reads the tokenizer's files now, so a missing or unreadable one is one clear message on every rank.
+    build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
     if args.data_path:
         for prefix in get_blend_from_list(args.data_path)[0]:
             try:

@@ -1,14 +1,17 @@
-"""GPT pretraining data: tokenizers, the embedded default corpus, Megatron indexed datasets and
-DeepSpeed pipeline micro-batches."""
+"""GPT pretraining data: tokenizers, raw text to indexed datasets (seqpipe-data), the embedded default
+corpus, Megatron indexed datasets and DeepSpeed pipeline micro-batches."""
 from seqpipe_ds.data.batches import pipeline_batch, pipeline_batches
 from seqpipe_ds.data.corpus import corpus_documents, embedded_corpus_prefix
 from seqpipe_ds.data.datasets import build_datasets
 from seqpipe_ds.data.indexed import require_indexed_dataset, write_indexed_dataset
-from seqpipe_ds.data.tokenizer import (BYTE_LEVEL, GPT2_BPE, TOKENIZER_TYPES, ByteTokenizer, GPT2Vocabulary,
-                                       build_tokenizer, padded_vocab_size)
+from seqpipe_ds.data.preprocess import PreprocessError, Progress, TokenizerSpec, output_prefixes, preprocess
+from seqpipe_ds.data.tokenizer import (BYTE_LEVEL, GPT2_BPE, HUGGINGFACE, TOKENIZER_TYPES, ByteTokenizer,
+                                       GPT2BPETokenizer, GPT2Vocabulary, HuggingFaceTokenizer, build_tokenizer,
+                                       padded_vocab_size)
 
 __all__ = [
-    "BYTE_LEVEL", "GPT2_BPE", "TOKENIZER_TYPES", "ByteTokenizer", "GPT2Vocabulary", "build_datasets",
-    "build_tokenizer", "corpus_documents", "embedded_corpus_prefix", "padded_vocab_size", "pipeline_batch",
-    "pipeline_batches", "require_indexed_dataset", "write_indexed_dataset",
+    "BYTE_LEVEL", "GPT2_BPE", "HUGGINGFACE", "TOKENIZER_TYPES", "ByteTokenizer", "GPT2BPETokenizer", "GPT2Vocabulary",
+    "HuggingFaceTokenizer", "PreprocessError", "Progress", "TokenizerSpec", "build_datasets", "build_tokenizer",
+    "corpus_documents", "embedded_corpus_prefix", "output_prefixes", "padded_vocab_size", "pipeline_batch",
+    "pipeline_batches", "preprocess", "require_indexed_dataset", "write_indexed_dataset",
 ]
