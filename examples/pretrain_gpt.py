@@ -10,7 +10,7 @@ A Llama-style model takes Megatron-LM's flags for it, e.g. adding
 
         --position-embedding-type rope --swiglu --normalization RMSNorm --group-query-attention \
         --num-query-groups 4 --untie-embeddings-and-output-weights --disable-bias-linear \
-        --attention-dropout 0 --hidden-dropout 0 --recompute-granularity full --recompute-method uniform
+        --attention-dropout 0 --recompute-granularity full --recompute-method uniform
 
 (and with --tensor-model-parallel-size 2, --sequence-parallel).
 

@@ -54,9 +54,11 @@ def counts_once(param, tp_rank: int) -> bool:
 def global_grad_norm(params, mpu) -> torch.Tensor:
     """L2 norm of the whole model's gradient, identical on every rank of the mpu's model-parallel group."""
     tp_rank = bwc_tensor_model_parallel_rank(mpu)
-    squares = [p.grad.detach().float().norm() ** 2 for p in params if counts_once(p, tp_rank)]
+    # In at least fp32 (float64 gradients keep float64, as in a float64 exactness run).
+    dtype = torch.promote_types(params[0].grad.dtype, torch.float32) if params else torch.float32
+    squares = [p.grad.detach().to(dtype).norm() ** 2 for p in params if counts_once(p, tp_rank)]
     device = get_accelerator().current_device_name()
-    total = torch.stack(squares).sum().to(device) if squares else torch.zeros((), device=device)
+    total = torch.stack(squares).sum().to(device) if squares else torch.zeros((), dtype=dtype, device=device)
     if mpu is not None:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=mpu.get_model_parallel_group())
     return total.sqrt()

@@ -24,6 +24,12 @@ def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
     return (data[:, :-1].contiguous(), positions), (data[:, 1:].contiguous(), loss_mask)
 
 
+def float64(values) -> torch.Tensor:
+    """A run's per-step losses (Python floats) as a float64 tensor: torch.tensor's default would
+    round them to float32, below which a float64 comparison could not see."""
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -6,7 +6,7 @@ at every step (when the optimizer exposes them: fp32 without ZeRO), and the fina
 """
 import torch
 
-from common import make_batch, rel_err, tiny_config
+from common import float64, make_batch, rel_err, tiny_config
 
 STEPS = 3
 SEQ = 16
@@ -88,6 +88,10 @@ def train(case, seqpipe=None, steps=range(STEPS), load=None, save=None):
         model.to(torch.float64)
     engine, optimizer, _, _ = seqpipe_ds.initialize(model=model, model_parameters=model.parameters(),
                                                     config=ds_config(case, seqpipe))
+    if next(model.parameters()).dtype == torch.float64:
+        # DeepSpeed all-reduces data-parallel gradients in communication_data_type, fp32 unless fp16/bf16
+        # (its config refuses "fp64"); the engine's setter lets a float64 run reduce in float64.
+        engine.communication_data_type = torch.float64
     grads = []
     exposes_grads = not case.get("zero") and not case.get("bf16")
     if exposes_grads:
@@ -128,7 +132,7 @@ def merge(rank_results):
 
 def errors_by_group(actual, truth):
     """Worst relative error of each compared group: losses, grads of each step, final params."""
-    out = {"losses": rel_err(torch.tensor(actual["losses"]), torch.tensor(truth["losses"]))}
+    out = {"losses": rel_err(float64(actual["losses"]), float64(truth["losses"]))}
     for step, (a, e) in enumerate(zip(actual["grads"], truth["grads"])):  # where the optimizer exposes them
         out[f"grads step {step}"] = max(rel_err(a[k], e[k]) for k in a)
     out["params"] = max(rel_err(v, truth["params"][k]) for k, v in actual["params"].items())

@@ -59,8 +59,8 @@ def test_keep_rate_is_binomial(p):
 def test_masks_are_independent():
     p = 0.5
     base = ~_mask(p)  # dropped elements, (b, t, c)
-    others = {"stream": ~_mask(p, stream=4), "seed": ~_mask(p, seed=1235),
-              "samples": ~_mask(p, numbers=(4, 5, 6, 7)), "samples beyond 2^32": ~_mask(p, numbers=[2 ** 32 + i for i in range(4)])}
+    others = {"stream": ~_mask(p, stream=4), "seed": ~_mask(p, seed=1235), "samples": ~_mask(p, numbers=(4, 5, 6, 7)),
+              "samples beyond 2^32": ~_mask(p, numbers=[2 ** 32 + i for i in range(4)])}
     for what, other in others.items():
         _assert_rate(int((base & other).sum()), base.numel(), p * p, f"dropped in both (other {what})")
     pairs = {"adjacent positions": base[:, 1:] & base[:, :-1], "adjacent channels": base[..., 1:] & base[..., :-1],

@@ -6,11 +6,10 @@ per-step losses, every gradient at every step and the parameters after 3 Adam st
 DeepSpeed pipelining (with the same options) and a single process without tensor or sequence
 parallelism (relative error <= 1e-10). One launch per layout plus one single-process launch."""
 import pytest
-import torch
 
 import engine_cases
 import launcher
-from common import EXACT_MODEL, RTOL64 as RTOL, assert_close
+from common import EXACT_MODEL, RTOL64 as RTOL, assert_close, float64
 from engine_cases import merge
 from seqpipe_ds.schedules import SCHEDULES
 from test_model_options import LLAMA
@@ -65,7 +64,7 @@ def _gpt_layout(run, tp):
 
 def _compare(actual, expected, what):
     assert len(actual["losses"]) == engine_cases.STEPS and len(actual["grads"]) == engine_cases.STEPS
-    assert_close({"losses": torch.tensor(actual["losses"])}, {"losses": torch.tensor(expected["losses"])}, RTOL,
+    assert_close({"losses": float64(actual["losses"])}, {"losses": float64(expected["losses"])}, RTOL,
                  f"{what} losses")
     for step, (a, e) in enumerate(zip(actual["grads"], expected["grads"])):
         assert_close(a, {k: e[k] for k in a}, RTOL, f"{what} grads step {step}")

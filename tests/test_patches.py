@@ -132,7 +132,8 @@ def test_megatron_cpu_shim(megatron_runs, check):
 @pytest.mark.timeout(150)
 def test_apply_all_idempotent(megatron_runs):
     for res in megatron_runs[True]:
-        assert res["applied"] == [["megatron_cpu", "deepspeed_shm", "gloo_exit", "clip_norm", "cross_entropy_dtype"]] * 3
+        expected = ["megatron_cpu", "deepspeed_shm", "gloo_exit", "clip_norm", "cross_entropy_dtype"]
+        assert res["applied"] == [expected] * 3
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,69 @@
+"""A quiet start: seqpipe_ds.quiet filters megatron-core's "Transformer Engine and Apex are not
+installed" UserWarnings and DeepSpeed's "Setting accelerator to CPU" log line, and nothing else.
+
+DS_ACCELERATOR is unset in these processes so that DeepSpeed auto-detects (and, without a GPU,
+logs its CPU fallback) as on a user's first run.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ROOT / "seqpipe_ds" / "quiet.py"
+BIN = Path(sys.executable).parent
+TIMEOUT = 120
+NOISE = ("Transformer Engine and Apex are not installed", "Setting accelerator to CPU")
+# Real warnings raised after the filters are in: an unrelated one, one with megatron's text from
+# elsewhere, and another warning on DeepSpeed's logger.
+REAL_WARNINGS = """\
+import logging, warnings
+warnings.warn("an unrelated warning")
+warnings.warn("Transformer Engine and Apex are not installed. Falling back to nothing", UserWarning)
+logging.getLogger("DeepSpeed").warning("a real DeepSpeed warning")
+"""
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    return dict(env, PYTHONWARNINGS="default", OMP_NUM_THREADS="1")
+
+
+def _output(argv):
+    """(stdout, stderr): DeepSpeed's logger writes to stdout, warnings go to stderr."""
+    proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, proc.stderr
+
+
+@pytest.mark.timeout(2 * TIMEOUT + 30)
+def test_known_notices_are_filtered_and_real_warnings_stay():
+    # Loaded by path, ahead of the seqpipe_ds package, as its first import does.
+    quiet_first = f"import runpy; runpy.run_path({str(QUIET)!r})\n"
+    noisy = "".join(_output([sys.executable, "-c", "import seqpipe_ds"]))
+    assert all(notice in noisy for notice in NOISE), f"the notices this filters no longer appear:\n{noisy}"
+    out, err = _output([sys.executable, "-c", f"{quiet_first}import seqpipe_ds\n{REAL_WARNINGS}"])
+    assert out.splitlines()[-1].endswith("[WARNING] [<string>:6:<module>] a real DeepSpeed warning"), out
+    assert NOISE[1] not in out and err.count(NOISE[0]) == 1, out + err  # the one left is the test's own
+    warned = [line for line in err.splitlines() if "UserWarning" in line]
+    assert warned == ["<string>:4: UserWarning: an unrelated warning",
+                      "<string>:5: UserWarning: Transformer Engine and Apex are not installed. Falling back to nothing"]
+
+
+INIT = (ROOT / "seqpipe_ds" / "__init__.py").read_text()
+IMPORTS_QUIET = re.search(r"^from \. import quiet\b|^import seqpipe_ds\.quiet\b|^from seqpipe_ds import quiet\b",
+                          INIT, re.M)
+
+
+# Every entry point imports the seqpipe_ds package first (and through it deepspeed and megatron.core),
+# so the filters take effect only once seqpipe_ds/__init__.py imports seqpipe_ds.quiet before them.
+@pytest.mark.xfail(not IMPORTS_QUIET, strict=True, reason="seqpipe_ds/__init__.py does not import seqpipe_ds.quiet")
+@pytest.mark.timeout(2 * TIMEOUT + 30)
+@pytest.mark.parametrize("command", ["seqpipe-bench", "seqpipe-data"])
+def test_help_prints_no_library_warning(command):
+    out, err = _output([str(BIN / command), "--help"])
+    assert out.startswith(f"usage: {command}")
+    assert err == ""
