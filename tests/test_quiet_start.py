@@ -1,8 +1,8 @@
 """A quiet start: seqpipe_ds.quiet filters megatron-core's "Transformer Engine and Apex are not
 installed" UserWarnings and DeepSpeed's "Setting accelerator to CPU" log line, and nothing else.
 
-DS_ACCELERATOR is unset in these processes so that DeepSpeed auto-detects (and, without a GPU,
-logs its CPU fallback) as on a user's first run.
+DS_ACCELERATOR and PYTHONWARNINGS are unset in these processes, as on a user's first run: DeepSpeed
+auto-detects (and, without a GPU, logs its CPU fallback) and Python's default warning filters apply.
 """
 import os
 import re
@@ -28,8 +28,9 @@ logging.getLogger("DeepSpeed").warning("a real DeepSpeed warning")
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    return dict(env, PYTHONWARNINGS="default", OMP_NUM_THREADS="1")
+    """A user's first run: DeepSpeed auto-detects, and Python's own warning filters apply."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "PYTHONWARNINGS")}
+    return dict(env, OMP_NUM_THREADS="1")
 
 
 def _output(argv):
