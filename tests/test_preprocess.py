@@ -12,6 +12,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from seqpipe_ds import megatron_args
 from seqpipe_ds.cli import data as cli
 from seqpipe_ds.data import TokenizerSpec, build_tokenizer, corpus_documents, preprocess
 from test_example import ONE_PROCESS, train
@@ -185,3 +186,16 @@ def test_pretrain_gpt_trains_on_the_preprocessed_data(files, tmp_path):
     # a fresh model predicts about uniformly over the padded vocabulary (1000 -> 1024)
     assert abs(losses[1] - math.log(1024)) < 0.5, losses
     assert losses[4] < losses[1]
+
+
+@pytest.mark.timeout(60)
+def test_pretrain_gpt_arguments_name_the_missing_tokenizer_file(files, capsys):
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "10"]
+    with pytest.raises(SystemExit):
+        megatron_args.parse_args([*base, "--tokenizer-type", "HuggingFaceTokenizer"], world_size=1)
+    assert "error: --tokenizer-type HuggingFaceTokenizer needs existing files for --tokenizer-model" in \
+        capsys.readouterr().err
+    args = megatron_args.parse_args([*base, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                                     files["tokenizer_json"]], world_size=1)
+    assert args.tokenizer_model == files["tokenizer_json"] and args.tensorboard_dir is None
