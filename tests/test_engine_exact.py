@@ -24,7 +24,7 @@ from common import EXACT_MODEL, RTOL64, assert_close, float64
 from engine_cases import errors_by_group, merge as _merge
 from seqpipe_ds.schedules import SCHEDULES
 
-FP32_FACTOR = 10  # measured on an Intel Xeon: the sliced runs' errors are 0.36-2.1x stock's
+FP32_FACTOR = 10  # measured on an Intel Xeon: the sliced runs' errors are 0.21-2.5x stock's
 UNEVEN = [8, 4, 3, 1]  # long first, as the planner tends to choose
 
 
@@ -140,6 +140,5 @@ def test_float32_error_is_that_of_stock_deepspeed(layout):
     assert all(1e-9 < e < 1e-4 for e in stock.values()), f"stock float32 vs float64 truth: {stock}"
     for variant, run in zip(variants, runs[1:]):
         errors = errors_by_group(run, truth)
-        print(layout, variant, {k: round(e / stock[k], 2) for k, e in errors.items()})
         bad = {k: (e, stock[k]) for k, e in errors.items() if not e <= FP32_FACTOR * stock[k]}
         assert not bad, f"{variant}: float32 error above {FP32_FACTOR} x stock's (error, stock's): {bad}"

@@ -28,7 +28,7 @@ def test_resume_continues_the_identical_loss_curve(tmp_path, schedule):
 
 
 # bf16 against the float64 truth of the same initial weights: a sliced run's error may be at most
-# this many times stock DeepSpeed's own bf16 error (measured on an Intel Xeon: 0.5-1.3x).
+# this many times stock DeepSpeed's own bf16 error (measured on an Intel Xeon: 0.67-1.25x).
 BF16_FACTOR = 4
 
 
@@ -42,10 +42,10 @@ def test_bf16_error_is_that_of_stock_deepspeed():
     assert {r["dtype"] for run in (stock, *sliced) for r in run} == {"torch.bfloat16"}
     stock = engine_cases.merge(stock)
     stock_errors = errors_by_group(stock, truth)
-    assert all(1e-5 < e < 0.1 for e in stock_errors.values()), f"stock bf16 vs float64 truth: {stock_errors}"
+    # bf16 rounds at ~4e-3; Adam turns that into sign flips of near-zero updates (zero-initialised biases)
+    assert all(1e-5 < e < 1 for e in stock_errors.values()), f"stock bf16 vs float64 truth: {stock_errors}"
     for name, run in zip(SCHEDULES, sliced):
         errors = errors_by_group(engine_cases.merge(run), truth)
-        print(name, {k: round(e / stock_errors[k], 2) for k, e in errors.items()})
         bad = {k: (e, stock_errors[k]) for k, e in errors.items() if not e <= BF16_FACTOR * stock_errors[k]}
         assert not bad, f"{name}: bf16 error above {BF16_FACTOR} x stock's (error, stock's): {bad}"
     assert stock["losses"][-1] < stock["losses"][0]
