@@ -131,7 +131,7 @@ def preprocess(input_path, output_prefix, spec: TokenizerSpec, json_keys: Sequen
                append_eod=False, workers=1, log_interval=1000,
                progress: Optional[Callable[[Progress], None]] = None) -> Progress:
     """Writes ``{output_prefix}_{key}_document.bin/.idx`` for each key and returns the final counts;
-    ``progress`` is called about every ``log_interval`` documents. A bad argument or line raises
+    ``progress`` is called every ``log_interval`` documents. A bad argument or line raises
     ValueError (PreprocessError for a line) and leaves no output file."""
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
