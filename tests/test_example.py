@@ -140,8 +140,9 @@ def test_seqpipe_stock_pipelining_and_one_process_give_the_same_loss_curve(seqpi
     for name, run in (("stock DeepSpeed", stock), ("one process", single)):
         assert_same_curve(sliced["loss"], run["loss"], f"training loss vs {name}")
         assert_same_curve(sliced["valid_loss"], run["valid_loss"], f"validation loss vs {name}")
-    # the dropout is on: without it the curve is another
-    assert all(abs(without_dropout["loss"][i] - single["loss"][i]) > 1e-4 * single["loss"][i] for i in (1, 2, 3, 4))
+    # the dropout is on: without it the curve leaves the one above by far more than the bound it holds
+    apart = max(abs(without_dropout["loss"][i] - single["loss"][i]) / single["loss"][i] for i in (1, 2, 3, 4))
+    assert apart > 10 * RTOL, f"hidden dropout 0.1 and 0 train curves only {apart:.1e} apart"
 
 
 LLAMA_STYLE = ["--position-embedding-type", "rope", "--swiglu", "--normalization", "RMSNorm", "--group-query-attention",
