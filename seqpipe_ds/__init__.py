@@ -5,6 +5,8 @@ tuple. With a ``"seqpipe": {"enabled": true, ...}`` section in the DeepSpeed con
 ``SeqPipeEngine`` that runs every micro-batch as batch slices x sequence slices; otherwise it is
 exactly ``deepspeed.initialize``.
 """
+from . import quiet  # noqa: F401  (first: filters the known-harmless notices of the libraries below)
+
 import copy
 import functools
 import warnings

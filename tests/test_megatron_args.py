@@ -58,7 +58,7 @@ def test_unknown_arguments_are_rejected_by_name(capsys):
     (["--min-lr", "1e-2"], 1, "--min-lr 0.01 must lie between 0 and --lr 0.001"),
     (["--micro-batch-size", "0"], 1, "--micro-batch-size must be positive"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
-    (["--tokenizer-type", "GPT2BPETokenizer"], 1, "needs --data-path"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], 1, "needs existing files for --vocab-file and --merge-file"),
     (["--position-embedding-type", "rope", "--max-position-embeddings", "16"], 1,
      "--seq-length 32 exceeds --max-position-embeddings 16"),
     (["--group-query-attention", "--num-query-groups", "3"], 1, "--num-query-groups 3 does not divide "

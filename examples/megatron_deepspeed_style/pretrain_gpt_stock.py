@@ -74,7 +74,7 @@ def build_data_iterator(dataset, args):
 def main():
     args = megatron_args.parse_args()
     topology = parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
     train_ds, _, _ = train_valid_test_datasets_provider(args, tokenizer)
 
     model = model_provider(args, topology, padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size))

@@ -6,11 +6,11 @@ from seqpipe_ds.data.datasets import build_datasets
 from seqpipe_ds.data.indexed import require_indexed_dataset, write_indexed_dataset
 from seqpipe_ds.data.preprocess import PreprocessError, Progress, TokenizerSpec, output_prefixes, preprocess
 from seqpipe_ds.data.tokenizer import (BYTE_LEVEL, GPT2_BPE, HUGGINGFACE, TOKENIZER_TYPES, ByteTokenizer,
-                                       GPT2BPETokenizer, GPT2Vocabulary, HuggingFaceTokenizer, build_tokenizer,
+                                       GPT2BPETokenizer, HuggingFaceTokenizer, build_tokenizer,
                                        padded_vocab_size)
 
 __all__ = [
-    "BYTE_LEVEL", "GPT2_BPE", "HUGGINGFACE", "TOKENIZER_TYPES", "ByteTokenizer", "GPT2BPETokenizer", "GPT2Vocabulary",
+    "BYTE_LEVEL", "GPT2_BPE", "HUGGINGFACE", "TOKENIZER_TYPES", "ByteTokenizer", "GPT2BPETokenizer",
     "HuggingFaceTokenizer", "PreprocessError", "Progress", "TokenizerSpec", "build_datasets", "build_tokenizer",
     "corpus_documents", "embedded_corpus_prefix", "output_prefixes", "padded_vocab_size", "pipeline_batch",
     "pipeline_batches", "preprocess", "require_indexed_dataset", "write_indexed_dataset",

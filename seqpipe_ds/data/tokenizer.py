@@ -124,8 +124,6 @@ class GPT2BPETokenizer(_TokenizersModel):
         super().__init__(tokenizer, vocab[GPT2_EOD], OrderedDict(vocab_file=vocab_file, merge_file=merge_file))
 
 
-# The name this class had when it could only read the vocabulary; importers keep working.
-GPT2Vocabulary = GPT2BPETokenizer
 
 
 def _eos_token(tokenizer_model, tokenizer):
