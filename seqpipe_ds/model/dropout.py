@@ -176,6 +176,10 @@ class HiddenDropout(nn.Module):
         if key is None:
             raise RuntimeError("hidden dropout needs to know which samples run: train through seqpipe_ds.initialize's "
                                "engine, or wrap the forward in seqpipe_ds.model.dropout.samples(...)")
+        rows = x.shape[1] if self.sequence_parallel else x.shape[0]
+        if key.numbers.shape != (rows,):
+            raise ValueError(f"hidden dropout: {tuple(key.numbers.shape)} sample numbers for {rows} rows; key each "
+                             "batch slice with its own rows' numbers")
         cache = attention.current()
         first = cache.offset if cache is not None else 0
         tokens = x.shape[0] if self.sequence_parallel else x.shape[1]
