@@ -30,9 +30,13 @@ from .cache import KVCache
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Optional[KVCache], layer: int,
-           dropout: float = 0.0) -> torch.Tensor:
+           dropout: float = 0.0, starts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention of a slice's q (B, nh, s, hd) over k, v (B, n_kv, s, hd) and, inside
     ``cache.slice``, the K/V that earlier slices cached for ``layer``. Returns (B, nh, s, hd).
+
+    ``starts`` [B, s] (packed documents, ``documents.py``): each token's document start; a token
+    then sees its own document only. Inside a slice that is block attention per (document segment
+    × cached block); without a cache (an unsliced reference) one SDPA with the dense mask.
 
     ``dropout`` (pass 0 in eval) > 0 with cached slices falls back to one SDPA over the
     concatenated K/V with a bottom-right causal mask, i.e. O(k^2) copies and a mask again: the CPU
@@ -43,6 +47,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Optional[KV
     if q.shape[1] % k.shape[1] or k.shape != v.shape:
         raise ValueError(f"attention: {q.shape[1]} query heads need a whole number of query heads per K/V "
                          f"head, and K {tuple(k.shape)} must match V {tuple(v.shape)}")
+    if starts is not None:
+        return _attend_documents(q, k, v, cache, layer, dropout, starts)
     cached = cache.record(layer, k, v) if cache is not None else []
     if not cached:
         return _sdpa(q, k, v, dropout, is_causal=True)
@@ -51,6 +57,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Optional[KV
         values = torch.cat([kv[1] for kv in cached] + [v], dim=KVCache.SEQ_DIM)
         return _sdpa(q, keys, values, dropout, attn_mask=causal_lower_right(q.shape[2], keys.shape[2]))
     return BlockAttention.apply(kernels.select(q), q, k, v, *[t for kv in cached for t in kv])
+
+
+def _attend_documents(q, k, v, cache, layer, dropout, starts):
+    from . import documents
+    offset = cache.offset if cache is not None else 0
+    documents.check_starts(starts, offset, q.shape[2])
+    cached = cache.record(layer, k, v) if cache is not None else []
+    if cache is None or dropout:
+        keys = torch.cat([kv[0] for kv in cached] + [k], dim=KVCache.SEQ_DIM)
+        values = torch.cat([kv[1] for kv in cached] + [v], dim=KVCache.SEQ_DIM)
+        return _sdpa(q, keys, values, dropout, attn_mask=documents.document_mask(starts, offset, keys.shape[2]))
+    blocks = documents.segment_blocks(starts, offset, [kv[0].shape[KVCache.SEQ_DIM] for kv in cached])
+    return documents.DocumentAttention.apply(kernels.select(q), blocks, q, k, v, *[t for kv in cached for t in kv])
 
 
 def _sdpa(q, k, v, dropout, **mask):
