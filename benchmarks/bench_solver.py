@@ -41,7 +41,7 @@ def gpt3_175b_layer_model(attention_scale: float = 1.0) -> LatencyModel:
     read_cache = 2 * HIDDEN * FP16_BYTES / TP / HBM_BYTES_PER_S  # K and V of one cached token
     return LatencyModel(batch_sizes=[1, 2], lengths=[[int(v) for v in lengths]] * 2, no_context=no_context,
                         context_coef=[20e-6, 0.0, read_cache, per_pair], send_coef=[20e-6, 1 / LINK_BYTES_PER_S],
-                        bytes_per_token=HIDDEN * FP16_BYTES, update_time=0.0)
+                        message_bytes_per_token=HIDDEN * FP16_BYTES, update_time=0.0)
 
 
 def bench(name: str, grid: np.ndarray, repeats: int) -> None:

@@ -8,7 +8,6 @@ import pytest
 from seqpipe_ds.cli.plan import main
 from seqpipe_ds.planner.advise import advise, factorisations, flop_rate_costs, load_cluster, parse_rate
 from seqpipe_ds.planner.memory_model import MemoryModel, analytic_bytes_per_token, stage_parameters
-from seqpipe_ds.planner.search import evaluate
 from seqpipe_ds.schedules import SCHEDULES
 from seqpipe_ds.slicing import SlicePlan
 
@@ -39,7 +38,7 @@ def brute_force(tiny, tp, pp, dp):
                 for cuts in itertools.product([0, 1], repeat=units - 1):
                     bounds = [0] + [i + 1 for i, cut in enumerate(cuts) if cut] + [units]
                     lengths = tuple(G * (b - a) for a, b in zip(bounds, bounds[1:]))
-                    c = evaluate(costs, schedule, batch // mb, SlicePlan(grouping, (lengths,) * len(grouping)), memory)
+                    c = costs.predict(schedule, batch // mb, SlicePlan(grouping, (lengths,) * len(grouping)), memory)
                     if c.peak <= tiny.gpu_memory and (best is None or c.makespan < best.makespan):
                         best = c
     return best

@@ -92,7 +92,7 @@ def test_grid_matches_predictions_and_marks_disallowed_slices():
 @pytest.mark.timeout(60)
 def test_batch_sizes_between_measured_ones_are_interpolated():
     model = LatencyModel(batch_sizes=[1, 4], lengths=[[8, 16], [8, 16]], no_context=[[1.0, 2.0], [4.0, 8.0]],
-                         context_coef=[0.0] * 4, send_coef=[0.0, 0.0], bytes_per_token=4, update_time=0.0)
+                         context_coef=[0.0] * 4, send_coef=[0.0, 0.0], message_bytes_per_token=4, update_time=0.0)
     assert model.predict([1, 2, 4], [12, 12, 16], 0) == pytest.approx([1.5, 3.0, 8.0])
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from seqpipe_ds.planner import solve
 from seqpipe_ds.planner.memory_model import MemoryModel
-from seqpipe_ds.planner.search import StageCosts, equal_flop_lengths, evaluate, neighbours, search
+from seqpipe_ds.planner.costs import CostModel
+from seqpipe_ds.planner.search import equal_flop_lengths, neighbours, search
 from seqpipe_ds.schedules import SCHEDULES
 from seqpipe_ds.slicing import SlicePlan, even_split
 
@@ -25,8 +26,8 @@ def synthetic_costs(stages=2, seed=0, head=0.6, overhead=0.02):
         b, l, c = (np.asarray(v, dtype=float) for v in (b, l, c))
         return scale[s] * (overhead + 1e-3 * b * l + 2e-5 * b * l * (c + l / 2))
 
-    return StageCosts(stages=stages, compute=compute, send=lambda b, l: 1e-3 + 1e-5 * np.asarray(b) * l,
-                      forward_fraction=0.3 + 0.1 * rng.random(), step=0.01, hidden_size=16)
+    return CostModel(stages=stages, compute=compute, send=lambda b, l: 1e-3 + 1e-5 * np.asarray(b) * l,
+                     forward_fraction=0.3 + 0.1 * rng.random(), step=0.01, hidden_size=16)
 
 
 def compositions(units):
@@ -49,7 +50,7 @@ def brute_force(costs, batch, memory=None, limit=None):
             for grouping in {(mb,), (1,) * mb}:
                 for lengths in compositions(SEQ // G):
                     plan = SlicePlan(grouping, (lengths,) * len(grouping))
-                    c = evaluate(costs, schedule, batch // mb, plan, memory)
+                    c = costs.predict(schedule, batch // mb, plan, memory)
                     if limit is not None and c.peak > limit:
                         continue
                     if best is None or c.makespan < best.makespan:
@@ -103,7 +104,7 @@ def test_never_worse_than_dp_uniform_and_equal_flop(seed):
             others.append(SlicePlan((batch,), (tuple(lengths),)))
     for schedule in SCHEDULES:
         for plan in others:
-            other = evaluate(costs, schedule, 1, plan, memory)
+            other = costs.predict(schedule, 1, plan, memory)
             if other.peak <= limit:
                 assert found.makespan <= other.makespan * (1 + 1e-9), (schedule, plan)
     assert found.peak <= limit

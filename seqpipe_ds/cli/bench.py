@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..model.presets import PRESETS, fill_shape, options
-from ..schedules import SCHEDULES, Action, Segment, lower, simulate
+from ..schedules import SCHEDULES, Action, Segment
 from ..slicing import SlicePlan, make_plan
 
 MIB = 2 ** 20
@@ -249,19 +249,16 @@ def _slice_plan(args, variant) -> Tuple[str, SlicePlan, int]:
     return section["schedule"], plan, variant["gradient_accumulation"]
 
 
-def _predict(args, model_file, variant, bytes_per_token):
+def _predict(args, model_file, variant, saved_bytes_per_token):
     """The simulated step of the variant's schedule: makespan from the latency model with every
     stage's own costs, as the search scores plans (None without a model), and per-stage peak saved
     bytes from the measured bytes per token."""
+    from ..planner.costs import simulate_plan
+    from ..planner.fit import read_model_file
+    from ..planner.planning import cost_model
     schedule, plan, micro_batches = _slice_plan(args, variant)
-    programs = lower(schedule, args.stages, micro_batches, plan)
-    costs = None
-    if model_file:
-        from ..planner.fit import read_model_file
-        from ..planner.search import StageCosts
-        costs = StageCosts.from_latency_model(read_model_file(model_file).model, args.stages,
-                                              args.hidden_size).simulator_costs(plan)
-    return simulate(programs, plan, costs, bytes_per_token=bytes_per_token)
+    costs = cost_model(read_model_file(model_file), args.stages).costs(plan) if model_file else None
+    return simulate_plan(schedule, args.stages, micro_batches, plan, costs, saved_bytes_per_token)
 
 
 def _rows(args, variants, timing, ideal, model_file):

@@ -18,7 +18,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..model.presets import PRESETS, SHAPE, fill_shape, options
-from ..planner import PlanEntry, predict, read_plans, solve, write_plan
+from ..planner import planning, read_plans, write_plan
 from ..planner.fit import CONTEXT_TERMS, fit_profile, read_model_file, write_model_file
 from ..planner.search import SCHEDULE_NAMES
 from ..schedules import SCHEDULES
@@ -133,11 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("plan_file")
     p.add_argument("--index", type=int, help="plan to show (as listed without it)")
     p.add_argument("--latency-model", help="latency model JSON: predicts the slice times for the timeline")
-    p.add_argument("--fwd-fraction", type=float, default=1 / 3,
-                   help="share of a slice's time spent in forward (backward takes the rest)")
     p.add_argument("--schedule", choices=sorted(SCHEDULES),
-                   help="the schedule whose lowered programs are simulated (default: the plan's, else terapipe)")
-    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+                   help="simulate this schedule instead of the plan's (default: the one its latency was simulated "
+                        "with; terapipe for TeraPipe's DP plans)")
+    p.add_argument("--micro-batches", type=int,
+                   help="micro-batches per step (gradient accumulation; default: the plan's)")
     p.add_argument("--png", help="write a Gantt chart of the timeline here")
     return parser
 
@@ -220,67 +220,41 @@ def _solve(args) -> None:
     granularity = args.granularity or config["granularity"]
     if args.sequence_parallel:
         _check_sequence_parallel(config.get("tp", 1), granularity)
-    update = found.model.update_time if args.update_time is None else args.update_time
     if args.objective == "dp" and (args.memory_limit or args.schedule != "auto"):
         raise ValueError("--objective dp plans TeraPipe's objective only: --memory-limit and --schedule need "
                          "--objective makespan")
     start = time.perf_counter()
     if args.objective == "dp":
-        grid = found.model.grid(batch, seq_len, granularity)
-        plan = solve(grid, batch, seq_len, args.num_stages, granularity, update)
-        unsliced = args.num_stages * float(grid[batch, seq_len // granularity, 0]) + update
+        costs = planning.cost_model(found, args.num_stages, args.update_time, identical=True)
+        best = planning.dp_plan(costs, batch, seq_len, granularity)
         print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity} "
               f"(TeraPipe's objective, solved in {time.perf_counter() - start:.3f} s)")
-        _print_slices(plan.batch_slices, plan.input_slices)
-        print(f"predicted iteration: {plan.latency:.6g} s; unsliced: {unsliced:.6g} s "
-              f"({unsliced / plan.latency:.2f}x)")
-        fields = dict(micro_batch_size=batch, batch_slices=plan.batch_slices, input_slices=plan.input_slices,
-                      latency=plan.latency)
+        _print_slices(list(best.plan.batch_slices), [list(s) for s in best.plan.seq_slices])
+        try:
+            unsliced = costs.predict("terapipe", 1, make_plan(1, 1, batch, seq_len)).makespan
+            versus = f"unsliced: {unsliced:.6g} s ({unsliced / best.makespan:.2f}x)"
+        except ValueError:  # the whole batch as one slice is beyond the profiled batch sizes
+            versus = "unsliced: not predictable (beyond the profiled batch sizes)"
+        print(f"predicted iteration: {best.makespan:.6g} s; {versus}")
     else:
-        fields = _search(args, found, batch, seq_len, granularity, update)
+        best = _search(args, found, batch, seq_len, granularity, start)
     if args.plan_file:
-        model = _model_fields(args, config, seq_len)
-        entry = PlanEntry(model=model, tp=config["tp"], pp=args.num_stages, dp=args.dp,
-                          global_batch_size=args.global_batch_size, device=found.device, **fields)
+        model = planning.model_fields(config, args.num_stages, seq_len, args.num_model_layers, args.model_name)
+        entry = planning.entry(model, config["tp"], args.num_stages, args.dp, best, args.global_batch_size,
+                               found.device, dp_objective=args.objective == "dp")
         write_plan(args.plan_file, entry)
         print(f"wrote to {args.plan_file}: {entry.describe()}")
 
 
-def _model_fields(args, config, seq_len):
-    model = {"num_layers": args.num_model_layers or config["num_layers"] * args.num_stages,
-             "hidden_size": config["hidden_size"], "num_attention_heads": config["num_attention_heads"],
-             "seq_length": seq_len, "vocab_size": config["vocab_size"]}
-    if args.model_name:
-        model["name"] = args.model_name
-    return model
-
-
-def _search(args, found, batch, seq_len, granularity, update) -> dict:
-    """The schedule-exact search (planner/search.py) under the memory limit; prints what it found."""
-    from dataclasses import replace
-
-    from ..planner.memory_model import MemoryModel, format_bytes, parse_bytes, stage_parameters
-    from ..planner.search import StageCosts, evaluate, search
-    config, model = found.config, replace(found.model, update_time=update)
+def _search(args, found, batch, seq_len, granularity, start):
+    """The schedule-exact search under the memory limit; prints what it found."""
+    from ..planner.memory_model import format_bytes, parse_bytes
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
-    memory = None
-    layers = args.num_model_layers or config["num_layers"] * args.num_stages
-    shape = {**_model_fields(args, config, seq_len), "max_position_embeddings": seq_len,
-             **(options(config["model_preset"]) if config.get("model_preset") else {})}
-    if model.saved_bytes_per_token:
-        per_token = _scaled_bytes_per_token(model.saved_bytes_per_token, config["num_layers"],
-                                            -(-layers // args.num_stages))
-        memory = MemoryModel.for_stages(stage_parameters(shape, args.num_stages, config["tp"]), per_token,
-                                        args.precision or config.get("dtype", "fp32"), args.zero_stage, args.dp)
-    elif limit is not None:
-        raise ValueError(f"{args.model} records no saved bytes per token: re-profile (seqpipe-plan profile) to plan "
-                         "under a memory limit")
-    costs = StageCosts.from_latency_model(model, args.num_stages, config["hidden_size"])
+    memory = planning.stage_memory(found, args.num_stages, seq_len, args.num_model_layers, args.precision,
+                                   args.zero_stage, args.dp)
     schedules = SCHEDULE_NAMES if args.schedule == "auto" else [args.schedule]
-    sizes = [m for m in range(1, batch + 1) if batch % m == 0 and m <= max(model.batch_sizes)]
-    start = time.perf_counter()
-    result = search(costs, batch, seq_len, granularity, schedules, memory, limit, micro_batch_sizes=sizes,
-                    progress=lambda what: print(f"  searching {what}", flush=True))
+    result = planning.makespan_plan(found, args.num_stages, batch, seq_len, granularity, schedules, memory, limit,
+                                    args.update_time, progress=lambda what: print(f"  searching {what}", flush=True))
     best = result.best
     print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity}: "
           f"{result.evaluated} candidates simulated in {time.perf_counter() - start:.2f} s"
@@ -291,23 +265,13 @@ def _search(args, found, batch, seq_len, granularity, update) -> dict:
     print(f"predicted iteration (simulated): {best.makespan:.6g} s")
     if best.peak_bytes:
         print("predicted peak per stage: " + ", ".join(format_bytes(b) for b in best.peak_bytes))
-    try:  # the comparison the search must win: TeraPipe's DP on the slowest stage's slice times
-        dp = solve(costs.bottleneck_grid(batch, seq_len, granularity), batch, seq_len, args.num_stages, granularity,
-                   update)
-        dp_plan = make_plan(dp.batch_slices, dp.input_slices, batch, seq_len)
-        simulated = min(evaluate(costs, s, 1, dp_plan).makespan for s in schedules)
+    try:  # the comparison the search must win
+        simulated = planning.dp_plan(planning.cost_model(found, args.num_stages, args.update_time), batch, seq_len,
+                                     granularity, schedules).makespan
         print(f"TeraPipe's DP plan, simulated the same way: {simulated:.6g} s ({simulated / best.makespan:.3f}x)")
     except ValueError as e:
         print(f"TeraPipe's DP plan: not comparable here ({e})")
-    return dict(micro_batch_size=best.micro_batch_size, batch_slices=list(best.plan.batch_slices),
-                input_slices=[list(s) for s in best.plan.seq_slices], latency=best.makespan,
-                schedule=best.schedule, predicted_peak_bytes=best.peak_bytes)
-
-
-def _scaled_bytes_per_token(measured, profiled_layers: int, stage_layers: int):
-    """The profile's per-token bytes for a stage of ``stage_layers`` layers (the layers' share scales)."""
-    layers = measured["middle"] * stage_layers / profiled_layers
-    return {kind: layers + value - measured["middle"] for kind, value in measured.items()}
+    return best
 
 
 def _show(args) -> None:
@@ -323,24 +287,21 @@ def _show(args) -> None:
     entry = entries[index]
     print(f"[{index}] {entry.describe()}")
     _print_slices(entry.batch_slices, entry.input_slices)
-    print(f"recorded latency: {entry.latency:.6g} s")
+    print(f"recorded latency: {entry.latency:.6g} s ({entry.micro_batches} micro-batch(es))")
     if not args.latency_model:
         if args.png:
             raise ValueError("--png needs --latency-model (the slice times come from it)")
         return
-    model = read_model_file(args.latency_model).model
-    args.schedule = args.schedule or entry.schedule or "terapipe"
-    plan = make_plan(entry.batch_slices, entry.input_slices, sum(entry.batch_slices), sum(entry.input_slices[0]))
-    result = predict(plan, lambda b, l, c: float(model.predict(b, l, c)), entry.pp, args.micro_batches,
-                     args.schedule, args.fwd_fraction, model.update_time)
-    print(f"{args.schedule}, {args.micro_batches} micro-batch(es): simulated per-stage programs")
+    result = planning.simulate_entry(read_model_file(args.latency_model), entry, args.schedule, args.micro_batches)
+    schedule = args.schedule or entry.schedule or "terapipe (TeraPipe's objective)"
+    print(f"{schedule}, {args.micro_batches or entry.micro_batches} micro-batch(es): simulated per-stage programs")
     for stage in range(entry.pp):
         print(f"stage {stage:>3}: " + "  ".join(f"{s.action} {s.start:.4g}-{s.end:.4g}"
                                                for s in result.stage_segments(stage)))
     print(f"timeline makespan: {result.makespan:.6g} s")
     if args.png:
         from ..planner.gantt import draw_gantt
-        draw_gantt([(f"{entry.describe()}, {args.schedule}\nmakespan {result.makespan:.4g} s", result.segments)],
+        draw_gantt([(f"{entry.describe()}, {schedule}\nmakespan {result.makespan:.4g} s", result.segments)],
                    args.png)
         print(f"wrote {args.png}")
 
@@ -377,13 +338,9 @@ def _advise(args) -> None:
     for c in advice.rejected:
         print(f"does not fit: TP {c.tp} x PP {c.pp} x DP {c.dp}: {c.note.splitlines()[0][:160]}")
     if args.plan_file:
-        b = best.best
-        entry = PlanEntry(model={**{name: getattr(args, name) for name in SHAPE},
-                                 **({"name": args.model_preset} if args.model_preset else {})},
-                          micro_batch_size=b.micro_batch_size, tp=best.tp, pp=best.pp, dp=best.dp,
-                          batch_slices=list(b.plan.batch_slices), input_slices=[list(s) for s in b.plan.seq_slices],
-                          latency=b.makespan, global_batch_size=args.global_batch_size,
-                          device=cluster.gpu.name, schedule=b.schedule, predicted_peak_bytes=b.peak_bytes)
+        entry = planning.entry({**{name: getattr(args, name) for name in SHAPE},
+                                **({"name": args.model_preset} if args.model_preset else {})},
+                               best.tp, best.pp, best.dp, best.best, args.global_batch_size, cluster.gpu.name)
         write_plan(args.plan_file, entry)
         print(f"wrote to {args.plan_file}: {entry.describe()}")
         print("launch:\n" + advisor.launch_flags(advice, args.plan_file))

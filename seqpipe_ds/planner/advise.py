@@ -33,8 +33,9 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 
 from ..slicing import SlicePlan
+from .costs import FORWARD_FRACTION, Candidate, CostModel
 from .memory_model import MemoryModel, analytic_bytes_per_token, parse_bytes, stage_parameters
-from .search import SCHEDULE_NAMES, Candidate, NoFit, StageCosts, evaluate, search
+from .search import SCHEDULE_NAMES, NoFit, search
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def _stage_layers(model, pp: int) -> List[int]:
     return [layers // pp + (s < layers % pp) for s in range(pp)]
 
 
-def flop_rate_costs(model, cluster: Cluster, tp: int, pp: int, dp: int, dtype_bytes: int = 2) -> StageCosts:
+def flop_rate_costs(model, cluster: Cluster, tp: int, pp: int, dp: int, dtype_bytes: int = 2) -> CostModel:
     """Stage costs of one pipeline replica from the GPU's FLOP rate and the cluster's links."""
     h, vocab = _field(model, "hidden_size"), _field(model, "vocab_size")
     gpu, per_stage = cluster.gpu, _stage_layers(model, pp)
@@ -166,11 +167,11 @@ def flop_rate_costs(model, cluster: Cluster, tp: int, pp: int, dp: int, dtype_by
             time = time + 3 * 2 * rows * h * vocab / tp / rate(rows)
         return time
 
-    return _with_links(model, cluster, tp, pp, dp, compute, 1 / 3, dtype_bytes)
+    return _with_links(model, cluster, tp, pp, dp, compute, FORWARD_FRACTION, dtype_bytes)
 
 
 def profiled_costs(latency_model, profiled_layers: int, model, cluster: Cluster, tp: int, pp: int, dp: int,
-                   dtype_bytes: int = 2) -> StageCosts:
+                   dtype_bytes: int = 2) -> CostModel:
     """Stage costs from a profile of this device (``seqpipe-plan fit``), measured at one TP size: its
     layers' time scaled to each stage's layers (TP all-reduces included, they ran in the profile),
     its embedding / head ends, its forward share; the cluster's links for sends and DP."""
@@ -183,7 +184,7 @@ def profiled_costs(latency_model, profiled_layers: int, model, cluster: Cluster,
     return _with_links(model, cluster, tp, pp, dp, compute, latency_model.forward_fraction, dtype_bytes)
 
 
-def _with_links(model, cluster, tp, pp, dp, compute, forward_fraction, dtype_bytes) -> StageCosts:
+def _with_links(model, cluster, tp, pp, dp, compute, forward_fraction, dtype_bytes) -> CostModel:
     """Adds the sends between stages and the step (DP gradient all-reduce + Adam) to ``compute``."""
     h = _field(model, "hidden_size")
     # Megatron's rank order (TP fastest, then DP, then PP): a stage is tp * dp consecutive GPUs, so some
@@ -200,7 +201,7 @@ def _with_links(model, cluster, tp, pp, dp, compute, forward_fraction, dtype_byt
     dp_share = cluster.gpus_per_node if dp_link is cluster.inter_node else 1
     # Adam over fp32 master states streams ~16 bytes per parameter in and out of HBM; taken at 1 TB/s.
     step = _ring_allreduce(params * dtype_bytes * dp_share, dp, dp_link) + params * 32 / 1e12
-    return StageCosts(stages=pp, compute=compute, send=send, forward_fraction=forward_fraction, step=step,
+    return CostModel(stages=pp, compute=compute, send=send, forward_fraction=forward_fraction, step=step,
                       hidden_size=h)
 
 
@@ -256,7 +257,7 @@ def advise(model, cluster: Cluster, global_batch: int, granularity: int = 128, s
            zero_stage: int = 0, costs_for=None, local_moves: bool = False, progress=None,
            tp_sizes: Optional[List[int]] = None) -> Advice:
     """Ranks every admissible (TP, PP, DP); ValueError if none fits the GPUs' memory. ``costs_for(tp, pp,
-    dp)`` gives a configuration's StageCosts (default: the cluster GPU's FLOP-rate model)."""
+    dp)`` gives a configuration's CostModel (default: the cluster GPU's FLOP-rate model)."""
     seq = _field(model, "seq_length")
     if global_batch < 1:
         raise ValueError(f"global batch must be >= 1, got {global_batch}")
@@ -309,7 +310,7 @@ def _unsliced_candidates(costs, memory, batch, seq):
     """Micro-batch-only pipelining: 1F1B (slice-1f1b with one slice) over every micro-batch size."""
     for mb in (m for m in range(1, batch + 1) if batch % m == 0):
         try:
-            yield evaluate(costs, "slice-1f1b", batch // mb, SlicePlan((mb,), ((seq,),)), memory, "unsliced 1F1B")
+            yield costs.predict("slice-1f1b", batch // mb, SlicePlan((mb,), ((seq,),)), memory, "unsliced 1F1B")
         except ValueError:  # a micro-batch the latency model cannot time (outside a profile's batch sizes)
             continue
 

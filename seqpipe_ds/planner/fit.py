@@ -18,7 +18,9 @@ Per stage (for the schedule-exact search, ``stage_compute``): the first stage ad
 and the last its final norm, LM head and loss, each e0 + e1*b*l (fitted to the profile's
 ``stage_ends``); the forward takes ``forward_fraction`` of a slice's compute (the median measured
 share); and ``saved_bytes_per_token`` (first / middle / last) is what the memory model charges per
-token alive on a stage. Models fitted to older profiles have none of these: no ends, 1/3, none.
+token alive on a stage. Models fitted to older profiles have none of these: no ends,
+``costs.FORWARD_FRACTION``, none. ``message_bytes_per_token`` (``bytes_per_token`` in older model
+files) is the p2p message's bytes per token, which ``send`` charges.
 
 The held-out check refits without a random part of the measured points and reports the relative
 error on them (the paper reports < 2%); the model returned is then refitted on every point.
@@ -29,8 +31,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .costs import FORWARD_FRACTION, slice_grid
+
 MODEL_FILE_FORMAT = "seqpipe-latency-model/1"
 CONTEXT_TERMS = ("a0", "a1*b*l", "a2*b*c", "a3*b*l*c")
+# Fields of older model files under their new names ("bytes_per_token" now only names saved activations).
+_RENAMED = {"bytes_per_token": "message_bytes_per_token"}
 
 
 @dataclass(frozen=True)
@@ -40,23 +46,15 @@ class LatencyModel:
     no_context: List[List[float]]  # per batch size: t0 at those lengths
     context_coef: List[float]  # a0..a3, see CONTEXT_TERMS
     send_coef: List[float]  # [latency, seconds per byte]
-    bytes_per_token: int  # one sequence's activation of one token: hidden_size * element size
+    message_bytes_per_token: int  # a p2p message's bytes per token of one sequence: hidden_size * element size
     update_time: float  # optimizer step of the stage
     stage_ends: Dict[str, List[float]] = field(default_factory=dict)  # "first"/"last": [e0, e1] (s, s per token)
-    forward_fraction: float = 1 / 3  # forward's share of a slice's compute time
+    forward_fraction: float = FORWARD_FRACTION  # forward's share of a slice's compute time
     saved_bytes_per_token: Dict[str, float] = field(default_factory=dict)  # "first"/"middle"/"last"
 
     def predict(self, b, l, c) -> np.ndarray:
         """Slice times (compute + sends) for arrays of b, l, c; inf outside the measured b and l."""
-        b, l, c = (np.asarray(v, dtype=float) for v in np.broadcast_arrays(b, l, c))
-        send = self.send_coef[0] + self.send_coef[1] * b * l * self.bytes_per_token
-        return self.compute_time(b, l, c) + 2.0 * send
-
-    def plan_slice_times(self, batch_slices: List[int], input_slices: List[List[int]]) -> List[float]:
-        """Times of a plan's slices in pipeline order (batch slice by batch slice)."""
-        b, l, c = zip(*[(size, length, context) for size, lengths in zip(batch_slices, input_slices)
-                        for length, context in zip(lengths, np.cumsum([0] + lengths[:-1]))])
-        return [float(t) for t in self.predict(b, l, c)]
+        return self.compute_time(b, l, c) + 2.0 * self.send_time(b, l)
 
     def compute_time(self, b, l, c) -> np.ndarray:
         """Forward + backward time of the stage's layers alone (what the profile measures)."""
@@ -81,16 +79,11 @@ class LatencyModel:
 
     def send_time(self, b, l) -> np.ndarray:
         """One activation (or its gradient) of b sequences and l tokens, between neighbour stages."""
-        return self.send_coef[0] + self.send_coef[1] * np.asarray(b, dtype=float) * l * self.bytes_per_token
+        return self.send_coef[0] + self.send_coef[1] * np.asarray(b, dtype=float) * l * self.message_bytes_per_token
 
     def grid(self, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
         """``grid[b, l // g, c // g]`` for ``solve``: predicted times, inf where l + c > seq_len."""
-        units = seq_len // granularity
-        b, lu, cu = np.meshgrid(np.arange(batch_size + 1), np.arange(units + 1), np.arange(units + 1), indexing="ij")
-        allowed = (b >= 1) & (lu >= 1) & (lu + cu <= units)
-        grid = np.full(b.shape, np.inf)
-        grid[allowed] = self.predict(b[allowed], granularity * lu[allowed], granularity * cu[allowed])
-        return grid
+        return slice_grid(self.predict, batch_size, seq_len, granularity)
 
     def _no_context(self, b: np.ndarray, l: np.ndarray) -> np.ndarray:
         # Linear in l for every measured b, then linear in b. Outside the measured ranges the
@@ -113,6 +106,7 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, data: Dict) -> "LatencyModel":
+        data = {_RENAMED.get(name, name): value for name, value in data.items()}
         return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
@@ -130,7 +124,7 @@ def fit_profile(profile: Dict, holdout: float = 0.2, seed: int = 0) -> FitReport
     b, l, c, t = _compute_points(profile)
     check = _heldout_mask(b, l, c, holdout, np.random.default_rng(seed))
     send_coef, send_error = _fit_send(profile.get("p2p") or [])
-    shared = dict(send_coef=send_coef, bytes_per_token=_bytes_per_token(profile["config"]),
+    shared = dict(send_coef=send_coef, message_bytes_per_token=_message_bytes_per_token(profile["config"]),
                   update_time=float(profile.get("optimizer_step") or 0.0),
                   stage_ends={end: _fit_tokens(rows) for end, rows in (profile.get("stage_ends") or {}).items()},
                   forward_fraction=_forward_fraction(profile),
@@ -199,7 +193,7 @@ def _heldout_mask(b, l, c, fraction: float, rng: np.random.Generator) -> np.ndar
 def fit_compute(b, l, c, t) -> LatencyModel:
     """The compute part alone (no sends, ends or step), for the adaptive profile's checks."""
     return _fit_compute(*(np.asarray(v, dtype=float) for v in (b, l, c, t)),
-                        dict(send_coef=[0.0, 0.0], bytes_per_token=0, update_time=0.0))
+                        dict(send_coef=[0.0, 0.0], message_bytes_per_token=0, update_time=0.0))
 
 
 def _fit_compute(b, l, c, t, shared: Dict) -> LatencyModel:
@@ -238,7 +232,7 @@ def _fit_tokens(rows: List[Dict]) -> List[float]:
 
 def _forward_fraction(profile: Dict) -> float:
     shares = [row["forward"] / row["time"] for row in profile.get("compute") or [] if "forward" in row]
-    return float(np.median(shares)) if shares else 1 / 3
+    return float(np.median(shares)) if shares else FORWARD_FRACTION
 
 
 def _fit_send(rows: List[Dict]) -> Tuple[List[float], Optional[float]]:
@@ -268,5 +262,5 @@ def _relative_lstsq(features: np.ndarray, target: np.ndarray, scale: np.ndarray)
     return coef
 
 
-def _bytes_per_token(config: Dict) -> int:
+def _message_bytes_per_token(config: Dict) -> int:
     return int(config["hidden_size"]) * int(config.get("dtype_bytes", 4))

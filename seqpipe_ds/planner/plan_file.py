@@ -7,9 +7,14 @@ Our entries::
      "global_batch_size": 64, "micro_batch_size": 2, "tp": 1, "pp": 4, "dp": 2,
      "device": "NVIDIA A100-SXM4-40GB",       # where the profile was measured
      "batch_slices": [1, 1], "input_slices": [[1024, 640, 384], [1024, 640, 384]],
-     "latency": 1.23,
+     "latency": 1.23, "micro_batches": 4,      # the simulated step of this many micro-batches
      "schedule": "slice-1f1b",                 # optional: the schedule planned for (the hook applies it)
      "predicted_peak_bytes": [3.1e10, 2.9e10]} # optional: per stage, the memory model's peak
+
+``latency`` is the step time ``costs.CostModel`` simulates for ``micro_batches`` micro-batches:
+with a schedule, what runs (``from_latency_model``); without one, TeraPipe's DP objective
+(``identical_stages``, terapipe order). Files without ``micro_batches`` read as the global batch
+over DP and the micro batch for an entry with a schedule and a global batch size, else 1.
 
 A setting is identified by the model, the batch sizes, TP/PP/DP and the device; ``write_plan``
 replaces the entry of the same setting.
@@ -28,7 +33,7 @@ keeps legacy entries in their own format.
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size")
@@ -55,6 +60,7 @@ class PlanEntry:
     extra: Dict[str, Any] = field(default_factory=dict)  # legacy fields we carry but do not use
     schedule: Optional[str] = None  # None: the config's schedule (plans of TeraPipe's DP and legacy files)
     predicted_peak_bytes: Optional[List[float]] = None  # per stage: model states + saved activations
+    micro_batches: int = 1  # the micro-batches per step that ``latency`` is the simulated time of
 
     @property
     def is_legacy(self) -> bool:
@@ -88,7 +94,7 @@ class PlanEntry:
         return {"model": self.model, "global_batch_size": self.global_batch_size,
                 "micro_batch_size": self.micro_batch_size, "tp": self.tp, "pp": self.pp, "dp": self.dp,
                 "device": self.device, "batch_slices": self.batch_slices, "input_slices": self.input_slices,
-                "latency": self.latency, **optional, **self.extra}
+                "latency": self.latency, "micro_batches": self.micro_batches, **optional, **self.extra}
 
 
 def read_plans(path: str) -> List[PlanEntry]:
@@ -162,18 +168,28 @@ def _parse(item: Any, index: int, path: str) -> PlanEntry:
     try:
         if "model_name" in item and "model" not in item:
             return _parse_legacy(item)
-        return PlanEntry(model=dict(item["model"]), micro_batch_size=int(item["micro_batch_size"]),
-                         tp=int(item["tp"]), pp=int(item["pp"]), dp=int(item["dp"]),
-                         batch_slices=[int(b) for b in item["batch_slices"]],
-                         input_slices=[[int(l) for l in ls] for ls in item["input_slices"]],
-                         latency=float(item["latency"]), global_batch_size=_optional_int(item.get("global_batch_size")),
-                         device=item.get("device"), schedule=_schedule(item.get("schedule")),
-                         predicted_peak_bytes=None if item.get("predicted_peak_bytes") is None
-                         else [float(b) for b in item["predicted_peak_bytes"]])
+        entry = PlanEntry(model=dict(item["model"]), micro_batch_size=int(item["micro_batch_size"]),
+                          tp=int(item["tp"]), pp=int(item["pp"]), dp=int(item["dp"]),
+                          batch_slices=[int(b) for b in item["batch_slices"]],
+                          input_slices=[[int(l) for l in ls] for ls in item["input_slices"]],
+                          latency=float(item["latency"]),
+                          global_batch_size=_optional_int(item.get("global_batch_size")),
+                          device=item.get("device"), schedule=_schedule(item.get("schedule")),
+                          predicted_peak_bytes=None if item.get("predicted_peak_bytes") is None
+                          else [float(b) for b in item["predicted_peak_bytes"]])
+        return replace(entry, micro_batches=int(item.get("micro_batches") or _older_micro_batches(entry)))
     except (KeyError, TypeError, ValueError) as e:
         raise PlanFileError(f"plan file {path}: entry [{index}] is malformed ({type(e).__name__}: {e}); each entry "
                             f"needs model, micro_batch_size, tp, pp, dp, batch_slices, input_slices and latency "
                             f"(or the TeraPipe fields {', '.join(_LEGACY_FIELDS)})") from None
+
+
+def _older_micro_batches(entry: PlanEntry) -> int:
+    """A file written before entries recorded their micro-batches: the search's step ran the global
+    batch over DP; TeraPipe's DP plans one micro-batch."""
+    if entry.schedule is None or entry.global_batch_size is None:
+        return 1
+    return entry.global_batch_size // (entry.dp * entry.micro_batch_size)
 
 
 def _parse_legacy(item: Mapping[str, Any]) -> PlanEntry:

@@ -4,7 +4,7 @@ TeraPipe's DP (``solve``) minimises sum(t) + (stages - 1) * max(t), the exact ma
 only when every stage takes the same time for a slice and backward is a fixed multiple of forward.
 Here every candidate is scored by the schedule simulator (``seqpipe_ds.schedules``) on the programs
 that will run, with each stage's own costs: the first stage's embedding, the last stage's LM head
-and loss, the measured forward share, the sends and the optimizer step (``StageCosts``); and its
+and loss, the measured forward share, the sends and the optimizer step (``costs.CostModel``); and its
 peak memory per stage comes from the same simulation (``memory_model``). The search:
 
 * for every micro-batch size dividing the batch (gradient accumulation = batch / micro-batch) and
@@ -26,9 +26,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..schedules import SCHEDULES, Costs, lower, simulate
-from ..schedules.actions import FORWARD
+from ..schedules import SCHEDULES
 from ..slicing import SlicePlan, even_split
+from .costs import Candidate, CostModel, contexts
 from .memory_model import MemoryModel, format_bytes
 from .solve import solve
 
@@ -45,78 +45,6 @@ class NoFit(ValueError):
         self.smallest = smallest
 
 
-@dataclass(frozen=True)
-class StageCosts:
-    """What a slice costs on each stage, in seconds.
-
-    ``compute(stage, b, l, c)``: forward + backward of b sequences, l tokens after c of context
-    (numbers or numpy arrays alike); ``forward_fraction`` of it is the forward. ``send(b, l)``: one
-    activation or gradient message (also element-wise).
-    ``step``: each stage's reduction + optimizer step. ``hidden_size`` weighs attention against the
-    matmuls in the equal-FLOP seeds."""
-    stages: int
-    compute: Callable[[int, int, int, int], float]
-    send: Callable[[int, int], float] = lambda b, l: 0.0
-    forward_fraction: float = 1 / 3
-    step: float = 0.0
-    hidden_size: int = 1024
-
-    @classmethod
-    def from_latency_model(cls, model, stages: int, hidden_size: int) -> "StageCosts":
-        """Each stage's layers, plus the embedding on the first and the head + loss on the last."""
-        return cls(stages=stages,
-                   compute=lambda s, b, l, c: model.stage_compute(b, l, c, s == 0, s == stages - 1),
-                   send=model.send_time, forward_fraction=model.forward_fraction,
-                   step=model.update_time, hidden_size=hidden_size)
-
-    def simulator_costs(self, plan: SlicePlan) -> Costs:
-        context = {(b, s): sum(lengths[:s]) for b, lengths in enumerate(plan.seq_slices) for s in range(len(lengths))}
-        table = {}
-        for stage in range(self.stages):
-            for unit in plan.units():
-                t = float(self.compute(stage, *plan.shape(unit), context[unit]))
-                table[stage, unit] = (t * self.forward_fraction, t * (1 - self.forward_fraction))
-        if not np.isfinite([v for pair in table.values() for v in pair]).all():
-            raise ValueError("the latency model cannot predict every slice of this plan (outside the profiled range)")
-        sends = {unit: float(self.send(*plan.shape(unit))) for unit in plan.units()}
-        return Costs(compute=lambda stage, a: table[stage, a.unit][0 if a.kind == FORWARD else 1],
-                     send=lambda a: sends[a.unit], step=self.step)
-
-    def bottleneck_grid(self, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
-        """``solve``'s grid from the slowest stage's slice time plus a send each way."""
-        units = seq_len // granularity
-        b, lu, cu = np.meshgrid(np.arange(batch_size + 1), np.arange(units + 1), np.arange(units + 1), indexing="ij")
-        allowed = (b >= 1) & (lu >= 1) & (lu + cu <= units)
-        b, l, c = b[allowed], granularity * lu[allowed], granularity * cu[allowed]
-        slowest = np.max([np.broadcast_to(self.compute(s, b, l, c), b.shape) for s in range(self.stages)], axis=0)
-        sends = 2 * np.broadcast_to(self.send(b, l), b.shape) if self.stages > 1 else 0.0
-        grid = np.full(allowed.shape, np.inf)
-        grid[allowed] = slowest + sends
-        return grid
-
-
-@dataclass(frozen=True)
-class Candidate:
-    schedule: str
-    micro_batches: int  # gradient accumulation steps
-    plan: SlicePlan  # the slicing of one micro-batch
-    makespan: float
-    peak_bytes: Optional[List[float]]  # per stage, with a memory model
-    source: str  # which seed or move produced it
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.plan.micro_batch_size
-
-    @property
-    def peak(self) -> float:
-        return max(self.peak_bytes) if self.peak_bytes else 0.0
-
-    def describe(self) -> str:
-        parts = " | ".join(f"{b}x{list(lengths)}" for b, lengths in zip(self.plan.batch_slices, self.plan.seq_slices))
-        return f"{self.schedule}, {self.micro_batches} micro-batch(es) of ({parts})"
-
-
 @dataclass
 class SearchResult:
     best: Candidate
@@ -124,23 +52,6 @@ class SearchResult:
     smallest_peak: Candidate  # the candidate with the least peak memory, fitting or not
     fitting: int  # candidates within the memory limit
     candidates: List[Candidate] = field(default_factory=list)  # every fitting candidate, fastest first
-
-
-def evaluate(costs: StageCosts, schedule: str, micro_batches: int, plan: SlicePlan,
-             memory: Optional[MemoryModel] = None, source: str = "") -> Candidate:
-    """The simulated step of ``schedule`` running ``micro_batches`` micro-batches sliced by ``plan``."""
-    result = simulate(lower(schedule, costs.stages, micro_batches, _structure(plan)), plan,
-                      costs.simulator_costs(plan))
-    peaks = memory.peaks(result.peak_alive_tokens) if memory is not None else None
-    return Candidate(schedule, micro_batches, plan, result.makespan, peaks, source)
-
-
-def _structure(plan: SlicePlan) -> SlicePlan:
-    """The plan with every length 1: lowering depends only on the units (how many batch slices, how
-    many sequence slices each), so all plans of one structure share one cached lowering; the
-    simulation with the real plan still checks every program against it."""
-    return SlicePlan(tuple(1 for _ in plan.batch_slices),
-                     tuple(tuple(1 for _ in lengths) for lengths in plan.seq_slices))
 
 
 def equal_flop_lengths(seq_len: int, parts: int, granularity: int, hidden_size: int) -> List[int]:
@@ -166,7 +77,7 @@ def _plan(batch_slices: Sequence[int], seq_slices: Sequence[Sequence[int]]) -> S
     return SlicePlan(tuple(batch_slices), tuple(tuple(s) for s in seq_slices))
 
 
-def _seeds(costs: StageCosts, micro_batch: int, seq_len: int, granularity: int,
+def _seeds(costs: CostModel, micro_batch: int, seq_len: int, granularity: int,
            grid: np.ndarray) -> Dict[SlicePlan, str]:
     """Seed slicings of one micro-batch, each with where it came from."""
     units = seq_len // granularity
@@ -185,17 +96,16 @@ def _seeds(costs: StageCosts, micro_batch: int, seq_len: int, granularity: int,
     seeds.setdefault(_plan(dp.batch_slices, dp.input_slices), "TeraPipe DP")
     # The DP's least-sum slicing under bounds on the slice time: the uniform slicings' longest slices.
     for k in counts[1:]:
-        bound = max(grid[micro_batch, u, c] for u, c in _units_and_context(even_split(units, k)))
+        uniform = _plan([micro_batch], [[granularity * u for u in even_split(units, k)]])
+        context = contexts(uniform)
+        bound = max(grid[micro_batch, uniform.seq_slices[0][s] // granularity, context[0, s] // granularity]
+                    for _, s in uniform.units())
         try:
             bounded = solve(np.where(grid <= bound, grid, np.inf), micro_batch, seq_len, 1, granularity)
         except ValueError:  # no slicing keeps every slice under this bound
             continue
         seeds.setdefault(_plan(bounded.batch_slices, bounded.input_slices), f"DP bound {k}")
     return seeds
-
-
-def _units_and_context(lengths: Sequence[int]) -> List[Tuple[int, int]]:
-    return [(u, int(c)) for u, c in zip(lengths, np.cumsum([0, *lengths[:-1]]))]
 
 
 def neighbours(plan: SlicePlan, granularity: int) -> Iterable[SlicePlan]:
@@ -218,7 +128,7 @@ def neighbours(plan: SlicePlan, granularity: int) -> Iterable[SlicePlan]:
             yield SlicePlan(plan.batch_slices, plan.seq_slices[:i] + (option,) + plan.seq_slices[i + 1:])
 
 
-def search(costs: StageCosts, batch_size: int, seq_len: int, granularity: int,
+def search(costs: CostModel, batch_size: int, seq_len: int, granularity: int,
            schedules: Sequence[str] = SCHEDULE_NAMES, memory: Optional[MemoryModel] = None,
            memory_limit: Optional[float] = None, micro_batch_sizes: Optional[Sequence[int]] = None,
            local_moves: bool = True, progress: Optional[Callable[[str], None]] = None) -> SearchResult:
@@ -243,7 +153,7 @@ def search(costs: StageCosts, batch_size: int, seq_len: int, granularity: int,
         key = (schedule, micro_batches, plan)
         if key not in seen:
             try:
-                seen[key] = evaluate(costs, schedule, micro_batches, plan, memory, source)
+                seen[key] = costs.predict(schedule, micro_batches, plan, memory, source)
             except ValueError:  # a schedule that cannot run it (ScheduleError), or a slice the model cannot time
                 return None
         return seen[key]

@@ -1,0 +1,156 @@
+"""The one cost model: what a plan's units cost on each stage, priced for the schedule simulator.
+
+Every path that times a plan goes through ``CostModel``: TeraPipe's DP (its grid), the
+schedule-exact search, the cluster advisor, ``seqpipe-plan show`` and ``seqpipe-bench``'s
+predictions. So a time recorded in a plan file is what simulating that plan again gives.
+
+A unit is b sequences of l tokens after c tokens of context (the tokens of the same sequences in
+earlier slices, which its attention reads; ``contexts`` is the one place that counts them).
+``compute(stage, b, l, c)`` is its forward + backward seconds on a stage, ``forward_fraction`` of
+it the forward; ``send(b, l)`` one activation or gradient message between neighbour stages;
+``step`` each stage's reduction + optimizer step. ``unit_times`` is where a stage's own options
+would change a unit's forward / backward split.
+
+Two readings of a latency model (``seqpipe-plan fit``):
+
+* ``from_latency_model``: what runs. Each stage's layers, the embedding on the first stage and
+  the LM head + loss on the last, the sends as messages the simulator overlaps with compute.
+* ``identical_stages``: what TeraPipe's DP charges. Every stage is the profiled one and a slice's
+  two sends are part of its time. On the terapipe order with one micro-batch the simulated
+  makespan is the DP's objective sum(t) + (stages - 1) * max(t) + step exactly (a proportionate
+  flow shop: every stage takes t * forward_fraction forward and the rest backward).
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..schedules import Costs, SimResult, lower, simulate
+from ..schedules.actions import FORWARD
+from ..slicing import SlicePlan
+from .memory_model import MemoryModel
+
+FORWARD_FRACTION = 1 / 3  # forward's share of a unit's compute where nothing was measured: backward ~ 2 forwards
+
+Unit = Tuple[int, int]
+
+
+def contexts(plan: SlicePlan) -> Dict[Unit, int]:
+    """Tokens of the same sequences before each unit: the context its attention reads."""
+    return {(b, s): sum(lengths[:s]) for b, lengths in enumerate(plan.seq_slices) for s in range(len(lengths))}
+
+
+def slice_grid(time: Callable, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
+    """``grid[b, l // g, c // g]`` = ``time(b, l, c)`` (element-wise over arrays) for TeraPipe's DP,
+    inf where l + c > seq_len or b or l is 0."""
+    units = seq_len // granularity
+    b, lu, cu = np.meshgrid(np.arange(batch_size + 1), np.arange(units + 1), np.arange(units + 1), indexing="ij")
+    allowed = (b >= 1) & (lu >= 1) & (lu + cu <= units)
+    b, l, c = b[allowed], granularity * lu[allowed], granularity * cu[allowed]
+    grid = np.full(allowed.shape, np.inf)
+    grid[allowed] = np.broadcast_to(time(b, l, c), b.shape)
+    return grid
+
+
+def simulate_plan(schedule: str, stages: int, micro_batches: int, plan: SlicePlan, costs: Optional[Costs] = None,
+                  saved_bytes_per_token: Optional[Sequence[float]] = None) -> SimResult:
+    """The simulated step of ``schedule`` running ``micro_batches`` micro-batches sliced by ``plan``
+    (``costs`` None: nominal token costs, for the alive tokens alone)."""
+    return simulate(lower(schedule, stages, micro_batches, _structure(plan)), plan, costs,
+                    bytes_per_token=saved_bytes_per_token)
+
+
+def _structure(plan: SlicePlan) -> SlicePlan:
+    """The plan with every length 1: lowering depends only on the units (how many batch slices, how
+    many sequence slices each), so all plans of one structure share one cached lowering; the
+    simulation with the real plan still checks every program against it."""
+    return SlicePlan(tuple(1 for _ in plan.batch_slices),
+                     tuple(tuple(1 for _ in lengths) for lengths in plan.seq_slices))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    schedule: str
+    micro_batches: int  # gradient accumulation steps
+    plan: SlicePlan  # the slicing of one micro-batch
+    makespan: float
+    peak_bytes: Optional[List[float]]  # per stage, with a memory model
+    source: str  # which seed or move produced it
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.plan.micro_batch_size
+
+    @property
+    def peak(self) -> float:
+        return max(self.peak_bytes) if self.peak_bytes else 0.0
+
+    def describe(self) -> str:
+        parts = " | ".join(f"{b}x{list(lengths)}" for b, lengths in zip(self.plan.batch_slices, self.plan.seq_slices))
+        return f"{self.schedule}, {self.micro_batches} micro-batch(es) of ({parts})"
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What a unit costs on each stage, in seconds (see the module's docstring). ``compute`` and
+    ``send`` take numbers or numpy arrays alike; ``hidden_size`` weighs attention against the
+    matmuls in the search's equal-FLOP seeds."""
+    stages: int
+    compute: Callable[[int, int, int, int], float]
+    send: Callable[[int, int], float] = lambda b, l: 0.0
+    forward_fraction: float = FORWARD_FRACTION
+    step: float = 0.0
+    hidden_size: int = 1024
+
+    @classmethod
+    def from_latency_model(cls, model, stages: int, hidden_size: int) -> "CostModel":
+        """Each stage's layers, plus the embedding on the first and the head + loss on the last."""
+        return cls(stages=stages, compute=lambda s, b, l, c: model.stage_compute(b, l, c, s == 0, s == stages - 1),
+                   send=model.send_time, forward_fraction=model.forward_fraction, step=model.update_time,
+                   hidden_size=hidden_size)
+
+    @classmethod
+    def identical_stages(cls, model, stages: int, hidden_size: int) -> "CostModel":
+        """TeraPipe's DP's reading: every stage the profiled one, a slice's sends inside its time."""
+        return cls(stages=stages, compute=lambda s, b, l, c: model.predict(b, l, c),
+                   forward_fraction=model.forward_fraction, step=model.update_time, hidden_size=hidden_size)
+
+    def unit_times(self, plan: SlicePlan) -> Dict[Tuple[int, Unit], Tuple[float, float]]:
+        """(forward, backward) seconds of every unit on every stage; ValueError where the model cannot
+        time one (outside the profiled range)."""
+        context = contexts(plan)
+        times = {}
+        for stage in range(self.stages):
+            for unit in plan.units():
+                t = float(self.compute(stage, *plan.shape(unit), context[unit]))
+                times[stage, unit] = (t * self.forward_fraction, t * (1 - self.forward_fraction))
+        if not np.isfinite([v for pair in times.values() for v in pair]).all():
+            raise ValueError("the latency model cannot predict every slice of this plan (outside the profiled range)")
+        return times
+
+    def costs(self, plan: SlicePlan) -> Costs:
+        """The simulator's costs of ``plan``'s units."""
+        times = self.unit_times(plan)
+        sends = {unit: float(self.send(*plan.shape(unit))) for unit in plan.units()}
+        return Costs(compute=lambda stage, a: times[stage, a.unit][0 if a.kind == FORWARD else 1],
+                     send=lambda a: sends[a.unit], step=self.step)
+
+    def simulate(self, schedule: str, micro_batches: int, plan: SlicePlan,
+                 saved_bytes_per_token: Optional[Sequence[float]] = None) -> SimResult:
+        """The simulated step, with every segment (for timelines) and the alive tokens per stage."""
+        return simulate_plan(schedule, self.stages, micro_batches, plan, self.costs(plan), saved_bytes_per_token)
+
+    def predict(self, schedule: str, micro_batches: int, plan: SlicePlan, memory: Optional[MemoryModel] = None,
+                source: str = "") -> Candidate:
+        """The step time of ``schedule`` running ``micro_batches`` micro-batches sliced by ``plan``, and
+        with a memory model each stage's peak."""
+        result = self.simulate(schedule, micro_batches, plan)
+        peaks = memory.peaks(result.peak_alive_tokens) if memory is not None else None
+        return Candidate(schedule, micro_batches, plan, result.makespan, peaks, source)
+
+    def bottleneck_grid(self, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
+        """``solve``'s grid from the slowest stage's slice time plus a send each way."""
+        def slowest(b, l, c):
+            compute = np.max([np.broadcast_to(self.compute(s, b, l, c), b.shape) for s in range(self.stages)], axis=0)
+            return compute + (2 * np.broadcast_to(self.send(b, l), b.shape) if self.stages > 1 else 0.0)
+        return slice_grid(slowest, batch_size, seq_len, granularity)

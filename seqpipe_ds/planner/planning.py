@@ -1,0 +1,107 @@
+"""From a fitted latency model to plan-file entries: what ``seqpipe-plan solve`` and ``seqpipe-bench``
+plan, as library calls (the commands parse, call these and print).
+
+* ``dp_plan``: TeraPipe's DP over one micro-batch; on the profiled stage's slice times
+  (``CostModel.identical_stages``) its latency is the DP's objective.
+* ``makespan_plan``: the schedule-exact search (``search.py``) over schedules, micro-batch splits
+  and slicings with every stage's own costs (``CostModel.from_latency_model``), under a per-stage
+  memory limit when the profile measured the saved bytes per token.
+* ``entry``: a plan-file entry for either, recording the micro-batches its latency is for, so that
+  ``simulate_entry`` (``seqpipe-plan show``, the bench's predictions) reproduces the latency.
+"""
+from dataclasses import replace
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+from ..model.presets import options
+from ..schedules import SimResult
+from ..slicing import SlicePlan, make_plan
+from .costs import Candidate, CostModel
+from .fit import ModelFile
+from .memory_model import MemoryModel, stage_parameters
+from .plan_file import PlanEntry
+from .search import SCHEDULE_NAMES, SearchResult, search
+from .solve import solve
+
+
+def model_fields(config: Mapping, stages: int, seq_len: int, num_model_layers: Optional[int] = None,
+                 name: Optional[str] = None) -> Dict:
+    """The plan file's model of a profile's config: its layers x ``stages`` unless given."""
+    model = {"num_layers": num_model_layers or config["num_layers"] * stages, "hidden_size": config["hidden_size"],
+             "num_attention_heads": config["num_attention_heads"], "seq_length": seq_len,
+             "vocab_size": config["vocab_size"]}
+    return {**model, **({"name": name} if name else {})}
+
+
+def cost_model(found: ModelFile, stages: int, update_time: Optional[float] = None,
+               identical: bool = False) -> CostModel:
+    """What runs (``identical`` False) or TeraPipe's DP's reading of the model file, with the
+    optimizer step's time replaced when ``update_time`` is given."""
+    model = found.model if update_time is None else replace(found.model, update_time=update_time)
+    build = CostModel.identical_stages if identical else CostModel.from_latency_model
+    return build(model, stages, found.config["hidden_size"])
+
+
+def stage_memory(found: ModelFile, stages: int, seq_len: int, num_model_layers: Optional[int] = None,
+                 precision: Optional[str] = None, zero_stage: int = 0, dp: int = 1) -> Optional[MemoryModel]:
+    """Each stage's model states and saved bytes per token (the profiled layers' share scaled to the
+    stage's layers); None when the profile measured no saved bytes."""
+    config, measured = found.config, found.model.saved_bytes_per_token
+    if not measured:
+        return None
+    layers = num_model_layers or config["num_layers"] * stages
+    shape = {**model_fields(config, stages, seq_len, layers), "max_position_embeddings": seq_len,
+             **(options(config["model_preset"]) if config.get("model_preset") else {})}
+    stage_layers = measured["middle"] * -(-layers // stages) / config["num_layers"]
+    per_token = {kind: stage_layers + value - measured["middle"] for kind, value in measured.items()}
+    return MemoryModel.for_stages(stage_parameters(shape, stages, config["tp"]), per_token,
+                                  precision or config.get("dtype", "fp32"), zero_stage, dp)
+
+
+def makespan_plan(found: ModelFile, stages: int, batch_size: int, seq_len: int, granularity: int,
+                  schedules: Sequence[str] = SCHEDULE_NAMES, memory: Optional[MemoryModel] = None,
+                  memory_limit: Optional[float] = None, update_time: Optional[float] = None,
+                  progress: Optional[Callable[[str], None]] = None) -> SearchResult:
+    """The schedule-exact search, over the micro-batch sizes the profile can time."""
+    if memory_limit is not None and memory is None:
+        raise ValueError("the latency model records no saved bytes per token: re-profile (seqpipe-plan profile) to "
+                         "plan under a memory limit")
+    sizes = [m for m in range(1, batch_size + 1) if batch_size % m == 0 and m <= max(found.model.batch_sizes)]
+    return search(cost_model(found, stages, update_time), batch_size, seq_len, granularity, schedules, memory,
+                  memory_limit, micro_batch_sizes=sizes, progress=progress)
+
+
+def dp_plan(costs: CostModel, batch_size: int, seq_len: int, granularity: int,
+            schedules: Sequence[str] = ("terapipe",)) -> Candidate:
+    """TeraPipe's exact DP over one micro-batch of ``batch_size`` sequences on the slowest stage's slice
+    times, simulated on the fastest of ``schedules``. With ``cost_model(..., identical=True)`` and
+    terapipe its makespan is the DP's objective; with every stage's costs it is the comparison the
+    search must win."""
+    dp = solve(costs.bottleneck_grid(batch_size, seq_len, granularity), batch_size, seq_len, costs.stages,
+               granularity, costs.step)
+    plan = make_plan(dp.batch_slices, dp.input_slices, batch_size, seq_len)
+    return min((costs.predict(s, 1, plan, source="TeraPipe DP") for s in schedules), key=lambda c: c.makespan)
+
+
+def entry(model: Dict, tp: int, pp: int, dp: int, plan: Candidate, global_batch_size: Optional[int] = None,
+          device: Optional[str] = None, dp_objective: bool = False) -> PlanEntry:
+    """The plan-file entry of a candidate. A plan of TeraPipe's DP objective records no schedule:
+    the config's applies, and ``simulate_entry`` prices it as the DP did."""
+    return PlanEntry(model=model, micro_batch_size=plan.micro_batch_size, tp=tp, pp=pp, dp=dp,
+                     batch_slices=list(plan.plan.batch_slices), input_slices=[list(s) for s in plan.plan.seq_slices],
+                     latency=plan.makespan, global_batch_size=global_batch_size, device=device,
+                     schedule=None if dp_objective else plan.schedule, predicted_peak_bytes=plan.peak_bytes,
+                     micro_batches=plan.micro_batches)
+
+
+def entry_plan(entry: PlanEntry) -> SlicePlan:
+    return make_plan(entry.batch_slices, entry.input_slices, entry.micro_batch_size, sum(entry.input_slices[0]))
+
+
+def simulate_entry(found: ModelFile, entry: PlanEntry, schedule: Optional[str] = None,
+                   micro_batches: Optional[int] = None) -> SimResult:
+    """The step a plan-file entry's latency records: its schedule and micro-batches with every
+    stage's costs, or for an entry without a schedule (TeraPipe's DP, legacy files) the DP's
+    objective on the terapipe order. ``schedule`` / ``micro_batches`` simulate it otherwise."""
+    costs = cost_model(found, entry.pp, identical=entry.schedule is None)
+    return costs.simulate(schedule or entry.schedule or "terapipe", micro_batches or entry.micro_batches,
+                          entry_plan(entry))
