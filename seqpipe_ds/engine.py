@@ -29,7 +29,7 @@ class SeqPipeEngine(PipelineEngine):
         self.slice_plan = slice_plan
         self.schedule_name = schedule
         self._capacity = getattr(getattr(self.module, "gpt_config", None), "max_position_embeddings", None)
-        self._activation_meta = None  # (trailing shape, dtype) of the tensors sent between stages
+        self._activation_meta = None  # per tensor sent between stages: (trailing shape, dtype)
         self._meta_sent = False
         # A list makes every slice's forward/backward record (Action, start, end) with
         # time.perf_counter(); seqpipe-bench draws its measured timeline from it.
@@ -109,7 +109,7 @@ class SeqPipeEngine(PipelineEngine):
         if self.is_last_stage():
             tensors, grads = [self._losses.pop(key)], [None]
         else:
-            tensors, grads = [self._outputs.pop(key)], [self._grads.pop(key)]
+            tensors, grads = [_activation(self._outputs.pop(key))], [self._grads.pop(key)]
         tensors, grads = self._caches[cache_key].backward_args(s, tensors, grads)
         # The same bookkeeping as PipelineEngine's backward of a non-last stage: the output
         # hooks DeepSpeedEngine.forward registered do the GAS scaling (last stage) and prologue.
@@ -140,22 +140,25 @@ class SeqPipeEngine(PipelineEngine):
 
     def _exec_send_slice_activation(self, micro_batch, unit):
         outputs = self._outputs[(micro_batch, *unit)]
-        if not torch.is_tensor(outputs):
-            raise TypeError("seqpipe: pipeline stages must pass one tensor to the next stage, got "
-                            f"{type(outputs).__name__}")
+        tensors = _stage_tensors(outputs)
         if not self._meta_sent:
             self._send_tensor_meta(outputs, self.next_stage)
             self._meta_sent = True
-        self._send(outputs.contiguous(), self.next_stage)
+        for tensor in tensors:
+            self._send(tensor.contiguous(), self.next_stage)
 
     def _exec_recv_slice_activation(self, micro_batch, unit):
         if self._activation_meta is None:
             probe = self._recv_tensor_meta(self.prev_stage)
-            self._activation_meta = (tuple(probe.shape[2:]), probe.dtype)
-        tail, dtype = self._activation_meta
-        received = torch.empty(self._activation_dims(unit) + tail, dtype=dtype, device=self.device)
-        p2p.recv(received, self.prev_stage)
-        self._inputs[(micro_batch, *unit)] = received.requires_grad_(received.is_floating_point())
+            self._activation_meta = [(tuple(t.shape[2:]), t.dtype) for t in _stage_tensors(probe)]
+        received = []
+        for n, (tail, dtype) in enumerate(self._activation_meta):
+            # the activation in the model's layout; integer metadata (document starts) as [batch, tokens]
+            dims = self._activation_dims(unit) if n == 0 else self.slice_plan.shape(unit)
+            received.append(torch.empty(dims + tail, dtype=dtype, device=self.device))
+            p2p.recv(received[-1], self.prev_stage)
+        received[0].requires_grad_(received[0].is_floating_point())
+        self._inputs[(micro_batch, *unit)] = received[0] if len(received) == 1 else tuple(received)
 
     def _activation_dims(self, unit):
         """Leading dims of the tensor passed between stages for ``unit``: (batch, tokens), unless the
@@ -165,7 +168,7 @@ class SeqPipeEngine(PipelineEngine):
         return tuple(dims(*self.slice_plan.shape(unit))) if dims else self.slice_plan.shape(unit)
 
     def _exec_send_slice_grad(self, micro_batch, unit):
-        self._send(self._inputs.pop((micro_batch, *unit)).grad, self.prev_stage)
+        self._send(_activation(self._inputs.pop((micro_batch, *unit))).grad, self.prev_stage)
 
     def _send(self, tensor, stage):
         # Non-blocking: with a blocking send the producer waits for its neighbour to reach the
@@ -174,7 +177,7 @@ class SeqPipeEngine(PipelineEngine):
         self._pending_sends.append((dist.isend(tensor, self.grid.stage_to_global(stage)), tensor))
 
     def _exec_recv_slice_grad(self, micro_batch, unit):
-        grad = torch.empty_like(self._outputs[(micro_batch, *unit)])
+        grad = torch.empty_like(_activation(self._outputs[(micro_batch, *unit)]))
         p2p.recv(grad, self.next_stage)
         self._grads[(micro_batch, *unit)] = grad
 
@@ -195,3 +198,18 @@ class SeqPipeEngine(PipelineEngine):
         ins.SendSliceGrad: _exec_send_slice_grad,
         ins.RecvSliceGrad: _exec_recv_slice_grad,
     }
+
+
+def _stage_tensors(outputs):
+    """The tensors a stage passes on: one activation, or a tuple of the activation (the one that gets a
+    gradient) and integer per-token metadata [batch, tokens] such as document starts."""
+    tensors = (outputs,) if torch.is_tensor(outputs) else tuple(outputs) if isinstance(outputs, (tuple, list)) else ()
+    if not tensors or not all(torch.is_tensor(t) for t in tensors) or any(t.is_floating_point() for t in tensors[1:]):
+        raise TypeError("seqpipe: pipeline stages must pass one tensor to the next stage, or a tuple of one "
+                        f"activation and integer metadata tensors, got {type(outputs).__name__}")
+    return tensors
+
+
+def _activation(outputs):
+    """The activation of what a stage passes on (the first tensor of a tuple)."""
+    return outputs if torch.is_tensor(outputs) else outputs[0]

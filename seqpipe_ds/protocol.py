@@ -4,6 +4,10 @@ A layer can take a sequence slice when it is position-wise or, like attention, f
 positions through ``attention.current()``. Nothing in a layer list says which is which, so layers
 declare it with ``@sliceable``; the loss must accept the normalizer of the whole micro-batch.
 
+Stages pass one activation tensor, or a tuple of the activation and integer per-token metadata
+[batch, tokens] that gets no gradient (the GPT's document starts with packed documents): seqpipe
+sends it with every slice, as stock DeepSpeed's pipeline sends a tuple's integer members.
+
 What else the runtime reads from a pipeline module, all optional:
 
 - ``gpt_config``: its ``GPTConfig`` (plans, position checks, the attention-dropout notice);

@@ -47,9 +47,41 @@ def reference_case(case):
 def micro_batches(case, step, dp_rank):
     """The micro-batches of one DP rank in one step; all DP ranks together cover the global batch,
     in Megatron's sampler order (micro-batch i of DP rank r is the global batch's (i · DP + r)-th),
-    which the hidden-dropout masks are keyed by (seqpipe_ds.model.dropout.sample_numbers)."""
+    which the hidden-dropout masks are keyed by (seqpipe_ds.model.dropout.sample_numbers). A model
+    with packed documents gets ``document_batch``es."""
     gas, mbs, dp = case.get("gas", 1), case["mbs"], case.get("dp", 1)
-    return [make_batch(mbs, SEQ, VOCAB, seed=1000 * step + i * dp + dp_rank) for i in range(gas)]
+    make = document_batch if tiny_config(**case.get("model", {})).documents else make_batch
+    return [make(mbs, SEQ, VOCAB, seed=1000 * step + i * dp + dp_rank) for i in range(gas)]
+
+
+EOD = 0
+# Document lengths of the rows document_batch packs (SEQ tokens each): documents that slices cut,
+# single-token documents, a document spanning every slice of a 4-way cut, and rows without an EOD.
+DOCUMENT_ROWS = [[5, 9, 2], [1, 1, 1, 13], [3, 12, 1], [16], [2, 1, 6, 1, 6], [1, 15]]
+
+
+def document_batch(batch: int, seq: int, vocab: int, seed: int = 0):
+    """((tokens, position_ids, document_starts), (labels, loss_mask)) of packed documents (rows
+    from DOCUMENT_ROWS, each document ended by EOD but a row's last), with Megatron's own reset
+    positions and EOD loss mask (megatron-core's _get_ltor_masks_and_position_ids with all three
+    flags), plus some masked-out tokens."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+    from seqpipe_ds.data import document_starts
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, vocab, (batch, seq + 1), generator=g)
+    for r in range(batch):
+        lengths = DOCUMENT_ROWS[(seed + r) % len(DOCUMENT_ROWS)]
+        assert sum(lengths) == seq
+        for end in torch.tensor(lengths).cumsum(0)[:-1].tolist():
+            text[r, end - 1] = EOD
+    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+    positions, loss_mask = [], []
+    for row in tokens:
+        _, mask, pos = _get_ltor_masks_and_position_ids(row, EOD, True, True, True, False)
+        positions.append(pos)
+        loss_mask.append(mask)
+    loss_mask = torch.stack(loss_mask) * (torch.rand(batch, seq, generator=g) > 0.1).float()
+    return (tokens, torch.stack(positions), document_starts(tokens, EOD)), (labels, loss_mask)
 
 
 def full(module, name, tensor):

@@ -17,12 +17,16 @@ def megatron_gpt(config, tp, seed):
 
 
 def megatron_loss(model, batch):
-    """Masked token mean of GPTModel's per-token loss, as our GPTLoss computes it."""
-    (tokens, positions), (labels, loss_mask) = batch
+    """Masked token mean of GPTModel's per-token loss, as our GPTLoss computes it. A batch of packed
+    documents (tokens, positions, document starts) gets Megatron's reset attention mask."""
+    (tokens, positions, *starts), (labels, loss_mask) = batch
     s = tokens.shape[1]
     # True = masked. Passed explicitly: with attention_mask=None megatron-core's local attention
     # builds the causal mask with device="cuda" (transformer/utils.get_default_causal_mask), which
     # no CPU shim covers.
-    causal = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
-    per_token = model(tokens, positions, causal, labels=labels)
+    mask = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
+    if starts:
+        from seqpipe_ds.attention.documents import document_mask
+        mask = ~document_mask(starts[0], 0, s)
+    per_token = model(tokens, positions, mask, labels=labels)
     return (per_token * loss_mask).sum() / loss_mask.sum()

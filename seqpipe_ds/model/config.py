@@ -50,10 +50,21 @@ class GPTConfig:
     # Activation recomputation, megatron-core's names: "full" recomputes every transformer layer in
     # the backward, "selective" the attention core only; None keeps all activations.
     recompute_granularity: Optional[str] = None
+    # Packed documents (Megatron-LM's --reset-attention-mask / --reset-position-ids): the model then
+    # takes (tokens, position_ids, document_starts) and passes (hidden, document_starts) between its
+    # layers and stages. reset_attention_mask keeps attention within a document; reset_position_ids
+    # rotates RoPE by the position within the document (learned embeddings take the batch's ids).
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
 
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def documents(self) -> bool:
+        """Whether the model takes each token's document start (``seqpipe_ds.data.document_starts``)."""
+        return self.reset_attention_mask or self.reset_position_ids
 
     @property
     def head_dim(self) -> int:

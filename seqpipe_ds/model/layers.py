@@ -30,6 +30,7 @@ class EmbeddingPipe(nn.Module):
         super().__init__()
         self.max_positions = config.max_position_embeddings
         self.sequence_parallel = config.sequence_parallel
+        self.documents = config.documents
         init = init_method_normal(config.init_method_std)
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, init_method=init, config=config.parallel_config())
@@ -42,21 +43,37 @@ class EmbeddingPipe(nn.Module):
                                              config.sequence_parallel)
 
     def forward(self, inputs):
-        tokens, position_ids = inputs
+        """(tokens, position_ids) -> hidden; with packed documents (tokens, position_ids, starts) ->
+        (hidden, starts), the starts passed on to every later layer and stage."""
+        tokens, position_ids, *starts = inputs
+        if len(starts) != self.documents:
+            raise ValueError("packed documents (reset_attention_mask / reset_position_ids) need batches of "
+                             "(tokens, position_ids, document_starts), other models (tokens, position_ids); got "
+                             f"{len(inputs)} input tensors")
         if position_ids.shape[-1] > self.max_positions:
             raise ValueError(f"sequence of {position_ids.shape[-1]} tokens is longer than "
                              f"max_position_embeddings {self.max_positions}")
         hidden = self.word_embeddings(tokens)  # (B, T, h)
         if self.position_embeddings is not None:
             hidden = hidden + self.position_embeddings(position_ids)
-        if not self.sequence_parallel:
-            return self.dropout(hidden)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if tokens.shape[1] % tp:
-            raise ValueError(f"sequence parallelism: a slice of {tokens.shape[1]} tokens does not split over "
-                             f"{tp} TP ranks")
-        # (T / TP, B, h): this rank's contiguous share of the tokens, dropped by their own positions
-        return self.dropout(tensor_parallel.scatter_to_sequence_parallel_region(hidden.transpose(0, 1).contiguous()))
+        if self.sequence_parallel:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            if tokens.shape[1] % tp:
+                raise ValueError(f"sequence parallelism: a slice of {tokens.shape[1]} tokens does not split over "
+                                 f"{tp} TP ranks")
+            # (T / TP, B, h): this rank's contiguous share of the tokens, dropped by their own positions
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden.transpose(0, 1).contiguous())
+        return with_starts(self.dropout(hidden), *starts)
+
+
+def with_starts(hidden: torch.Tensor, starts=None):
+    """What a layer passes on: its hidden states, paired with the document starts where there are some."""
+    return hidden if starts is None else (hidden, starts)
+
+
+def split_starts(inputs):
+    """A layer's input as (hidden, document starts or None)."""
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs, None)
 
 
 @sliceable
@@ -150,6 +167,7 @@ class SelfAttention(nn.Module):
             config.hidden_size, (config.num_attention_heads + 2 * config.query_groups) * self.head_dim, config=pc,
             init_method=init_method_normal(config.init_method_std), bias=config.add_bias_linear, gather_output=False)
         self.rotary, self.rotary_config = None, None
+        self.reset_attention_mask, self.reset_position_ids = config.reset_attention_mask, config.reset_position_ids
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(self.head_dim, config.rotary_percent, rotary_base=config.rotary_base,
                                           use_cpu_initialization=True)
@@ -159,13 +177,19 @@ class SelfAttention(nn.Module):
             skip_bias_add=False,
             init_method=scaled_init_method_normal(config.init_method_std, config.num_layers))
 
-    def forward(self, x):
+    def forward(self, x, starts=None):
+        """``starts`` [B, s]: each token's document start (packed documents), else None."""
         q, k, v = self._project(x)
         b, _, s, _ = q.shape
         cache = attention.current()
+        offset = cache.offset if cache is not None else 0
         if self.rotary is not None:
-            q, k = self._rotate(q, k, cache.offset if cache is not None else 0)
-        core = functools.partial(self._core, dropout=self.dropout if self.training else 0.0)
+            positions = None
+            if self.reset_position_ids:  # the position within the document
+                positions = torch.arange(offset, offset + s, device=starts.device) - starts
+            q, k = self._rotate(q, k, offset, positions)
+        core = functools.partial(self._core, dropout=self.dropout if self.training else 0.0,
+                                 starts=starts if self.reset_attention_mask else None)
         # (B, nh, s, hd); selective recomputation keeps only q, k, v for the core's backward
         out = recomputed(core, q, k, v) if self.recompute_core and torch.is_grad_enabled() else core(q, k, v)
         if self.sequence_parallel:  # linear_proj reduce-scatters (T, B, ...) to this rank's (T / TP, B, h)
@@ -175,9 +199,9 @@ class SelfAttention(nn.Module):
         out, _ = self.linear_proj(out)
         return out
 
-    def _core(self, q, k, v, dropout):
+    def _core(self, q, k, v, dropout, starts):
         # The cache from the ContextVar, so that a recomputed core finds the slice it replays.
-        return attention.attend(q, k, v, attention.current(), self.layer_number, dropout)
+        return attention.attend(q, k, v, attention.current(), self.layer_number, dropout, starts)
 
     def _project(self, x):
         """(B, nh, s, hd) queries and (B, ng, s, hd) keys and values of this TP rank's heads."""
@@ -190,11 +214,15 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         return q.reshape(b, s, self.heads, self.head_dim).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _rotate(self, q, k, offset: int):
-        """RoPE at the absolute positions [offset, offset + s) of the slice's tokens, with
-        megatron-core's frequencies and rotation. K is rotated before the cache keeps it, so a
-        cached key carries its own position, as in the unsliced sequence."""
-        freqs = self.rotary(q.shape[2], offset=offset)[:, 0, 0]  # (s, rot_dim): megatron's (s, 1, 1, rot_dim)
+    def _rotate(self, q, k, offset: int, positions=None):
+        """RoPE at the absolute positions [offset, offset + s) of the slice's tokens, or at
+        ``positions`` [B, s] (reset per document), with megatron-core's frequencies and rotation. K
+        is rotated before the cache keeps it, so a cached key carries its own position, as in the
+        unsliced sequence."""
+        if positions is None:
+            freqs = self.rotary(q.shape[2], offset=offset)[:, 0, 0]  # (s, rot_dim): megatron's (s, 1, 1, rot_dim)
+        else:
+            freqs = self.rotary(int(positions.max()) + 1)[:, 0, 0][positions].unsqueeze(1)  # (B, 1, s, rot_dim)
         return (apply_rotary_pos_emb(q, freqs, self.rotary_config),   # (B, nh, s, hd)
                 apply_rotary_pos_emb(k, freqs, self.rotary_config))   # (B, ng, s, hd)
 
@@ -263,20 +291,31 @@ class TransformerLayer(nn.Module):
         self.recompute = config.recompute_granularity == "full"
         _sum_sequence_parallel_grads(self, [self.input_layernorm, self.pre_mlp_layernorm], config)
 
-    def forward(self, x):
-        return recomputed(self._forward, x) if self.recompute and torch.is_grad_enabled() else self._forward(x)
+    def forward(self, inputs):
+        """hidden -> hidden, or with packed documents (hidden, starts) -> (hidden, starts)."""
+        x, starts = split_starts(inputs)
+        extra = () if starts is None else (starts,)
+        if self.recompute and torch.is_grad_enabled():
+            x = recomputed(self._forward, x, *extra)
+        else:
+            x = self._forward(x, *extra)
+        return with_starts(x, starts)
 
-    def _forward(self, x):
-        x = x + self.attention_dropout(self.self_attention(self.input_layernorm(x)))
+    def _forward(self, x, starts=None):
+        x = x + self.attention_dropout(self.self_attention(self.input_layernorm(x), starts))
         return x + self.mlp_dropout(self.mlp(self.pre_mlp_layernorm(x)))
 
 
 # Two classes rather than one wrapper module keep the final norm's parameter names ("<n>.weight").
+# Their input may carry document starts, which end here: the output layer takes hidden states only.
 @sliceable
 class FinalLayerNorm(nn.LayerNorm):
     def __init__(self, config: GPTConfig):
         super().__init__(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
         _sum_sequence_parallel_grads(self, [self], config)
+
+    def forward(self, inputs):
+        return super().forward(split_starts(inputs)[0])
 
 
 @sliceable
@@ -284,6 +323,9 @@ class FinalRMSNorm(nn.RMSNorm):
     def __init__(self, config: GPTConfig):
         super().__init__(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
         _sum_sequence_parallel_grads(self, [self], config)
+
+    def forward(self, inputs):
+        return super().forward(split_starts(inputs)[0])
 
 
 FINAL_NORMS = {"LayerNorm": FinalLayerNorm, "RMSNorm": FinalRMSNorm}
