@@ -144,3 +144,23 @@ def test_older_files_read_without_micro_batches_and_with_bytes_per_token(tmp_pat
     assert read_model_file(str(model_with_ends)).model.message_bytes_per_token == 64 * 4
     assert _shown_makespan(capsys, str(plans), "--latency-model", str(model_with_ends)) == float(
         f"{written['latency']:.6g}")
+
+
+@pytest.mark.timeout(120)
+def test_bench_plans_and_their_predictions_are_the_recorded_times(tmp_path, model_with_ends):
+    from seqpipe_ds.planner.planning import bench_plans, predict_run, variant_plan
+    dp_file, makespan_file = str(tmp_path / "dp.json"), str(tmp_path / "makespan.json")
+    dp, searched = bench_plans(str(model_with_ends), 2, 2, 4, dp_file, makespan_file)
+    (dp_entry,), (searched_entry,) = read_plans(dp_file), read_plans(makespan_file)
+    assert dp_entry.schedule is None and dp_entry.latency == dp.makespan and dp_entry.model["num_layers"] == 4
+    assert searched_entry.schedule == searched.schedule and searched_entry.predicted_peak_bytes == searched.peak_bytes
+    found = read_model_file(str(model_with_ends))
+    variant = {"micro_batch_size": searched.micro_batch_size, "gradient_accumulation": searched.micro_batches,
+               "seqpipe": {"plan": makespan_file}}
+    schedule, plan, micro_batches = variant_plan(variant, 2, 2, 128)
+    assert (schedule, plan, micro_batches) == (searched.schedule, searched.plan, searched.micro_batches)
+    assert predict_run(found, 2, schedule, micro_batches, plan, [1.0, 1.0]).makespan == searched_entry.latency
+    stock = {"micro_batch_size": 1, "gradient_accumulation": 2, "seqpipe": None}
+    assert variant_plan(stock, 2, 2, 128) == ("slice-1f1b", make_plan(1, 1, 1, 128), 2)
+    unsliced = predict_run(None, 2, "slice-1f1b", 2, make_plan(1, 1, 1, 128), [1.0, 1.0])
+    assert unsliced.peak_activation_bytes == [256.0, 128.0]  # 1F1B keeps 2 sequences on the first stage

@@ -29,11 +29,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from ..model.presets import PRESETS, fill_shape, options
+from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
+from ..planner.planning import bench_plans, pipeline_entry, predict_run, variant_plan
 from ..schedules import SCHEDULES, Action, Segment
-from ..slicing import SlicePlan, make_plan
 
 MIB = 2 ** 20
 
@@ -126,20 +127,10 @@ def _variants(args, plan_file, makespan_file=None):
         variants[f"{schedule} planned"] = _variant(args.batch_size, 1, {"plan": os.path.abspath(plan_file),
                                                                         "schedule": schedule})
     if makespan_file:
-        entry = _entry(args, makespan_file)
+        entry = pipeline_entry(makespan_file, args.stages, args.batch_size)
         variants["makespan planned"] = _variant(entry.micro_batch_size, args.batch_size // entry.micro_batch_size,
                                                 {"plan": os.path.abspath(makespan_file)})
     return variants
-
-
-def _entry(args, plan_file):
-    """The plan this bench's pipeline runs from a plan file (written by _make_plan, or given by --plan)."""
-    from ..planner import read_plans
-    entries = [e for e in read_plans(plan_file) if e.pp == args.stages and args.batch_size % e.micro_batch_size == 0]
-    if not entries:
-        raise SystemExit(f"{plan_file} has no plan for {args.stages} stages and a micro-batch dividing "
-                         f"{args.batch_size}")
-    return entries[0]
 
 
 def _free_port():
@@ -207,7 +198,6 @@ def _launch(args, stages, variants, stem, measure=False):
 def _make_plan(args, out):
     """profile (one stage's layers and both ends, and p2p) -> fit -> TeraPipe's DP into
     out/dp_results.json and the schedule-exact search into out/makespan_results.json."""
-    from . import plan as plan_cli
     if args.num_layers % args.stages:
         raise SystemExit(f"--num-layers {args.num_layers} must divide into --stages {args.stages}")
     profile, model_file = out / "profile.json", out / "latency_model.json"
@@ -223,55 +213,32 @@ def _make_plan(args, out):
                             *(["--model-preset", args.model_preset] if args.model_preset else []),
                             "--granularity", str(args.granularity), "--repeats", str(args.profile_repeats),
                             "--warmup", "1", "--adaptive", "--out", str(profile)], out / "profile.log")
-    solve = ["solve", str(model_file), "--num-stages", str(args.stages), "--batch-size", str(args.batch_size),
-             "--num-model-layers", str(args.num_layers)]
-    for command in (["fit", str(profile), "--out", str(model_file)],
-                    [*solve, "--objective", "dp", "--plan-file", str(plan_file)],
-                    [*solve, "--plan-file", str(makespan_file)]):
-        print(f"seqpipe-plan {command[0]}" + (f" ({command[command.index('--objective') + 1]} objective)"
-                                              if "--objective" in command else ""), flush=True)
-        if plan_cli.main(command):
-            raise SystemExit(f"seqpipe-plan {command[0]} failed")
+    print("seqpipe-plan fit, then TeraPipe's DP and the schedule-exact search", flush=True)
+    with open(profile) as f:
+        measured = json.load(f)
+    report = fit_profile(measured)
+    write_model_file(str(model_file), report, measured)
+    print("\n".join(fit_summary(report, measured)))
+    for name, found in zip(("TeraPipe's DP", "schedule-exact search"),
+                           bench_plans(str(model_file), args.stages, args.batch_size, args.num_layers, str(plan_file),
+                                       str(makespan_file))):
+        print(f"{name}: {found.describe()}, predicted {found.makespan:.4g} s")
     return str(plan_file), str(makespan_file), str(model_file)
-
-
-def _slice_plan(args, variant) -> Tuple[str, SlicePlan, int]:
-    """(schedule, slicing of one micro-batch, micro-batches) a variant runs; stock DeepSpeed's 1F1B is
-    slice-1f1b with one slice per micro-batch."""
-    section = variant["seqpipe"]
-    if section is None:
-        return "slice-1f1b", make_plan(1, 1, 1, args.seq_length), variant["gradient_accumulation"]
-    if "plan" in section:
-        entry = _entry(args, section["plan"])
-        plan = make_plan(entry.batch_slices, entry.input_slices, entry.micro_batch_size, args.seq_length)
-        return section.get("schedule") or entry.schedule or "terapipe", plan, variant["gradient_accumulation"]
-    plan = make_plan(1, section["seq_slices"], variant["micro_batch_size"], args.seq_length)
-    return section["schedule"], plan, variant["gradient_accumulation"]
-
-
-def _predict(args, model_file, variant, saved_bytes_per_token):
-    """The simulated step of the variant's schedule: makespan from the latency model with every
-    stage's own costs, as the search scores plans (None without a model), and per-stage peak saved
-    bytes from the measured bytes per token."""
-    from ..planner.costs import simulate_plan
-    from ..planner.fit import read_model_file
-    from ..planner.planning import cost_model
-    schedule, plan, micro_batches = _slice_plan(args, variant)
-    costs = cost_model(read_model_file(model_file), args.stages).costs(plan) if model_file else None
-    return simulate_plan(schedule, args.stages, micro_batches, plan, costs, saved_bytes_per_token)
 
 
 def _rows(args, variants, timing, ideal, model_file):
     ideal_time = statistics.median(ideal["times"]["single stage"]) / args.stages
     tokens = args.batch_size * args.seq_length
     stock = statistics.median(timing["times"]["stock DeepSpeed"])
+    found = read_model_file(model_file) if model_file else None
     rows, predictions = [], {}
     for name, variant in variants.items():
         times = timing["times"][name]
         median = statistics.median(times)
-        schedule, plan, micro_batches = _slice_plan(args, variant)
-        predictions[name] = simulated = _predict(args, model_file, variant, timing["saved_bytes_per_token"])
-        predicted = simulated.makespan if model_file else None
+        schedule, plan, micro_batches = variant_plan(variant, args.stages, args.batch_size, args.seq_length)
+        predictions[name] = simulated = predict_run(found, args.stages, schedule, micro_batches, plan,
+                                                    timing["saved_bytes_per_token"])
+        predicted = simulated.makespan if found else None
         saved = timing["saved_peak_bytes"][name]
         row = {"variant": name, "schedule": "1f1b (stock)" if variant["seqpipe"] is None else schedule,
                "slicing": _describe(variant, plan, micro_batches), "s_per_iter": median,

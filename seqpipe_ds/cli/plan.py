@@ -19,7 +19,7 @@ import numpy as np
 
 from ..model.presets import PRESETS, SHAPE, fill_shape, options
 from ..planner import planning, read_plans, write_plan
-from ..planner.fit import CONTEXT_TERMS, fit_profile, read_model_file, write_model_file
+from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
 from ..planner.search import SCHEDULE_NAMES
 from ..schedules import SCHEDULES
 from ..slicing import make_plan
@@ -173,33 +173,12 @@ def _fit(args) -> None:
         profile = json.load(f)
     report = fit_profile(profile, holdout=args.holdout, seed=args.seed)
     write_model_file(args.out, report, profile)
-    model = report.model
-    print(f"no-context table: batch sizes {model.batch_sizes}, {sum(map(len, model.lengths))} lengths")
-    # Each term's name starts with its coefficient ("a2*b*c"): print the value in its place.
-    print("context term: " + " + ".join(f"{c:.4g}{term[2:]}" for term, c in zip(CONTEXT_TERMS, model.context_coef)))
-    if report.send_error is None:
-        print("sends: not measured, taken as free")
-    else:
-        print(f"sends: {model.send_coef[0]:.4g} s + {model.send_coef[1] * 1e9:.4g} s per GB "
-              f"(mean relative error {report.send_error:.2%})")
-    print(f"optimizer step: {model.update_time:.4g} s; forward share of a slice: {model.forward_fraction:.2f}")
-    for end, (e0, e1) in model.stage_ends.items():
-        print(f"{end} stage adds {e0:.4g} s + {e1 * 1e6:.4g} us per token")
-    if model.saved_bytes_per_token:
-        print("saved for backward per token: " + ", ".join(f"{kind} stage {v / 1024:.1f} KiB"
-                                                          for kind, v in model.saved_bytes_per_token.items()))
-    print(f"held-out relative error on {report.heldout_points} points: mean {report.heldout_mean_error:.2%}, "
-          f"max {report.heldout_max_error:.2%}")
-    adaptive = profile.get("adaptive")
-    if adaptive:
-        rounds = adaptive["context_round_errors"]
-        print(f"adaptive profile: {len(profile['compute'])} slice shapes; length midpoints off the line by "
-              f"{max(adaptive['length_midpoint_errors'], default=0):.2%} at most; context rounds predicted to "
-              + (", ".join(f"{e:.2%}" for e in rounds) if rounds else "- (one round)"))
+    print("\n".join(fit_summary(report, profile)))
     print(f"wrote {args.out}")
     if args.grid_out:
         config = profile["config"]
-        np.save(args.grid_out, model.grid(config["micro_batch_size"], config["seq_length"], config["granularity"]))
+        np.save(args.grid_out,
+                report.model.grid(config["micro_batch_size"], config["seq_length"], config["granularity"]))
         print(f"wrote {args.grid_out}")
 
 

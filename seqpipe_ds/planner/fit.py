@@ -137,6 +137,32 @@ def fit_profile(profile: Dict, holdout: float = 0.2, seed: int = 0) -> FitReport
                      heldout_points=int(error.size), send_error=send_error)
 
 
+def fit_summary(report: FitReport, profile: Dict) -> List[str]:
+    """What a fit found, line by line: the model's terms, its held-out error and the adaptive profile's."""
+    model = report.model
+    lines = [f"no-context table: batch sizes {model.batch_sizes}, {sum(map(len, model.lengths))} lengths",
+             # Each term's name starts with its coefficient ("a2*b*c"): the value goes in its place.
+             "context term: " + " + ".join(f"{c:.4g}{term[2:]}" for term, c in zip(CONTEXT_TERMS, model.context_coef)),
+             "sends: not measured, taken as free" if report.send_error is None else
+             f"sends: {model.send_coef[0]:.4g} s + {model.send_coef[1] * 1e9:.4g} s per GB "
+             f"(mean relative error {report.send_error:.2%})",
+             f"optimizer step: {model.update_time:.4g} s; forward share of a slice: {model.forward_fraction:.2f}"]
+    lines += [f"{end} stage adds {e0:.4g} s + {e1 * 1e6:.4g} us per token"
+              for end, (e0, e1) in model.stage_ends.items()]
+    if model.saved_bytes_per_token:
+        lines.append("saved for backward per token: " + ", ".join(f"{kind} stage {v / 1024:.1f} KiB"
+                                                                  for kind, v in model.saved_bytes_per_token.items()))
+    lines.append(f"held-out relative error on {report.heldout_points} points: mean {report.heldout_mean_error:.2%}, "
+                 f"max {report.heldout_max_error:.2%}")
+    adaptive = profile.get("adaptive")
+    if adaptive:
+        rounds = adaptive["context_round_errors"]
+        lines.append(f"adaptive profile: {len(profile['compute'])} slice shapes; length midpoints off the line by "
+                     f"{max(adaptive['length_midpoint_errors'], default=0):.2%} at most; context rounds predicted to "
+                     + (", ".join(f"{e:.2%}" for e in rounds) if rounds else "- (one round)"))
+    return lines
+
+
 @dataclass(frozen=True)
 class ModelFile:
     """A fitted model with the profile's setting (config, device) that planning needs."""

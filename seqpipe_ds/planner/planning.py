@@ -7,18 +7,20 @@ plan, as library calls (the commands parse, call these and print).
   and slicings with every stage's own costs (``CostModel.from_latency_model``), under a per-stage
   memory limit when the profile measured the saved bytes per token.
 * ``entry``: a plan-file entry for either, recording the micro-batches its latency is for, so that
-  ``simulate_entry`` (``seqpipe-plan show``, the bench's predictions) reproduces the latency.
+  ``simulate_entry`` (``seqpipe-plan show``) reproduces the latency.
+* ``bench_plans``, ``variant_plan`` and ``predict_run``: what ``seqpipe-bench`` plans, runs and
+  predicts for each of its variants (``seqpipe_ds.benchmark``'s spec).
 """
 from dataclasses import replace
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..model.presets import options
 from ..schedules import SimResult
 from ..slicing import SlicePlan, make_plan
-from .costs import Candidate, CostModel
-from .fit import ModelFile
+from .costs import Candidate, CostModel, simulate_plan
+from .fit import ModelFile, read_model_file
 from .memory_model import MemoryModel, stage_parameters
-from .plan_file import PlanEntry
+from .plan_file import PlanEntry, PlanFileError, read_plans, write_plan
 from .search import SCHEDULE_NAMES, SearchResult, search
 from .solve import solve
 
@@ -51,7 +53,7 @@ def stage_memory(found: ModelFile, stages: int, seq_len: int, num_model_layers: 
     layers = num_model_layers or config["num_layers"] * stages
     shape = {**model_fields(config, stages, seq_len, layers), "max_position_embeddings": seq_len,
              **(options(config["model_preset"]) if config.get("model_preset") else {})}
-    stage_layers = measured["middle"] * -(-layers // stages) / config["num_layers"]
+    stage_layers = measured["middle"] * -(-layers // stages) / config["num_layers"]  # the layers' bytes, scaled
     per_token = {kind: stage_layers + value - measured["middle"] for kind, value in measured.items()}
     return MemoryModel.for_stages(stage_parameters(shape, stages, config["tp"]), per_token,
                                   precision or config.get("dtype", "fp32"), zero_stage, dp)
@@ -105,3 +107,50 @@ def simulate_entry(found: ModelFile, entry: PlanEntry, schedule: Optional[str] =
     costs = cost_model(found, entry.pp, identical=entry.schedule is None)
     return costs.simulate(schedule or entry.schedule or "terapipe", micro_batches or entry.micro_batches,
                           entry_plan(entry))
+
+
+def bench_plans(model_file: str, stages: int, batch_size: int, num_layers: int, dp_file: str,
+                makespan_file: str) -> Tuple[Candidate, Candidate]:
+    """TeraPipe's DP (the batch as one micro-batch) into ``dp_file`` and the schedule-exact search into
+    ``makespan_file``, for ``stages`` stages of ``num_layers`` layers in all, at the profiled sequence
+    length and granularity, without a memory limit."""
+    found = read_model_file(model_file)
+    config = found.config
+    seq_len, granularity = config["seq_length"], config["granularity"]
+    dp = dp_plan(cost_model(found, stages, identical=True), batch_size, seq_len, granularity)
+    searched = makespan_plan(found, stages, batch_size, seq_len, granularity,
+                             memory=stage_memory(found, stages, seq_len, num_layers)).best
+    model = model_fields(config, stages, seq_len, num_layers)
+    for path, plan in ((dp_file, dp), (makespan_file, searched)):
+        write_plan(path, entry(model, config["tp"], stages, 1, plan, device=found.device, dp_objective=plan is dp))
+    return dp, searched
+
+
+def pipeline_entry(plan_file: str, stages: int, batch_size: int) -> PlanEntry:
+    """The first plan of ``plan_file`` for ``stages`` stages whose micro batch divides ``batch_size``."""
+    entries = [e for e in read_plans(plan_file) if e.pp == stages and batch_size % e.micro_batch_size == 0]
+    if not entries:
+        raise PlanFileError(f"{plan_file} has no plan for {stages} stages and a micro-batch dividing {batch_size}")
+    return entries[0]
+
+
+def variant_plan(variant: Mapping, stages: int, batch_size: int, seq_length: int) -> Tuple[str, SlicePlan, int]:
+    """(schedule, slicing of one micro-batch, micro-batches) a bench variant runs; stock DeepSpeed's
+    1F1B is slice-1f1b with one slice per micro-batch."""
+    section, micro_batches = variant["seqpipe"], variant["gradient_accumulation"]
+    if section is None:
+        return "slice-1f1b", make_plan(1, 1, 1, seq_length), micro_batches
+    if "plan" in section:
+        planned = pipeline_entry(section["plan"], stages, batch_size)
+        return section.get("schedule") or planned.schedule or "terapipe", entry_plan(planned), micro_batches
+    plan = make_plan(1, section["seq_slices"], variant["micro_batch_size"], seq_length)
+    return section["schedule"], plan, micro_batches
+
+
+def predict_run(found: Optional[ModelFile], stages: int, schedule: str, micro_batches: int, plan: SlicePlan,
+                saved_bytes_per_token: Sequence[float]) -> SimResult:
+    """The simulated step of what a bench variant runs (``variant_plan``), with every stage's costs
+    (nominal token costs without a model file), and per stage the peak saved bytes from the measured
+    bytes per token."""
+    costs = cost_model(found, stages).costs(plan) if found else None
+    return simulate_plan(schedule, stages, micro_batches, plan, costs, saved_bytes_per_token)
