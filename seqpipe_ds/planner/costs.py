@@ -101,6 +101,9 @@ class CostModel:
     forward_fraction: float = FORWARD_FRACTION
     step: float = 0.0
     hidden_size: int = 1024
+    # Per stage (forward, backward) factors on the latency model's times: what a short in-engine run
+    # measured against them (``calibrate.py``); None: the profile's times as they are.
+    scale: Optional[Tuple[Tuple[float, float], ...]] = None
 
     @classmethod
     def from_latency_model(cls, model, stages: int, hidden_size: int) -> "CostModel":
@@ -123,10 +126,16 @@ class CostModel:
         for stage in range(self.stages):
             for unit in plan.units():
                 t = float(self.compute(stage, *plan.shape(unit), context[unit]))
-                times[stage, unit] = (t * self.forward_fraction, t * (1 - self.forward_fraction))
+                forward, backward = self.scale[stage] if self.scale else (1.0, 1.0)
+                times[stage, unit] = (t * self.forward_fraction * forward, t * (1 - self.forward_fraction) * backward)
         if not np.isfinite([v for pair in times.values() for v in pair]).all():
             raise ValueError("the latency model cannot predict every slice of this plan (outside the profiled range)")
         return times
+
+    def _factor(self, stage: int) -> float:
+        """The calibration's factor on a stage's forward + backward."""
+        forward, backward = self.scale[stage] if self.scale else (1.0, 1.0)
+        return self.forward_fraction * forward + (1 - self.forward_fraction) * backward
 
     def costs(self, plan: SlicePlan) -> Costs:
         """The simulator's costs of ``plan``'s units."""
@@ -151,6 +160,7 @@ class CostModel:
     def bottleneck_grid(self, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
         """``solve``'s grid from the slowest stage's slice time plus a send each way."""
         def slowest(b, l, c):
-            compute = np.max([np.broadcast_to(self.compute(s, b, l, c), b.shape) for s in range(self.stages)], axis=0)
+            compute = np.max([np.broadcast_to(self.compute(s, b, l, c) * self._factor(s), b.shape)
+                              for s in range(self.stages)], axis=0)
             return compute + (2 * np.broadcast_to(self.send(b, l), b.shape) if self.stages > 1 else 0.0)
         return slice_grid(slowest, batch_size, seq_len, granularity)
