@@ -169,6 +169,7 @@ class ModelFile:
     model: LatencyModel
     config: Dict  # the profile's ProfileSpec fields
     device: str
+    calibration: Optional[Dict] = None  # an in-engine calibration (planner/calibrate.py), if one was stored
 
 
 def write_model_file(path: str, report: FitReport, profile: Dict) -> None:
@@ -186,7 +187,8 @@ def read_model_file(path: str) -> ModelFile:
     if data.get("format") != MODEL_FILE_FORMAT:
         raise ValueError(f"{path} is not a latency model written by `seqpipe-plan fit` (format "
                          f"{data.get('format')!r}, expected {MODEL_FILE_FORMAT!r})")
-    return ModelFile(model=LatencyModel.from_dict(data["model"]), config=data["config"], device=data["device"])
+    return ModelFile(model=LatencyModel.from_dict(data["model"]), config=data["config"], device=data["device"],
+                     calibration=data.get("calibration"))
 
 
 def _compute_points(profile: Dict) -> Tuple[np.ndarray, ...]:

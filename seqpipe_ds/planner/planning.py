@@ -17,6 +17,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 from ..model.presets import options
 from ..schedules import SimResult
 from ..slicing import SlicePlan, make_plan
+from .calibrate import Calibration
 from .costs import Candidate, CostModel, simulate_plan
 from .fit import ModelFile, read_model_file
 from .memory_model import MemoryModel, stage_parameters
@@ -37,10 +38,14 @@ def model_fields(config: Mapping, stages: int, seq_len: int, num_model_layers: O
 def cost_model(found: ModelFile, stages: int, update_time: Optional[float] = None,
                identical: bool = False) -> CostModel:
     """What runs (``identical`` False) or TeraPipe's DP's reading of the model file, with the
-    optimizer step's time replaced when ``update_time`` is given."""
+    optimizer step's time replaced when ``update_time`` is given. What runs carries the file's
+    in-engine calibration when it was made on ``stages`` stages (``calibrate.py``)."""
     model = found.model if update_time is None else replace(found.model, update_time=update_time)
-    build = CostModel.identical_stages if identical else CostModel.from_latency_model
-    return build(model, stages, found.config["hidden_size"])
+    if identical:
+        return CostModel.identical_stages(model, stages, found.config["hidden_size"])
+    costs = CostModel.from_latency_model(model, stages, found.config["hidden_size"])
+    calibration = Calibration.from_dict(found.calibration) if found.calibration else None
+    return replace(costs, scale=calibration.scale) if calibration and calibration.stages == stages else costs
 
 
 def stage_memory(found: ModelFile, stages: int, seq_len: int, num_model_layers: Optional[int] = None,

@@ -1,0 +1,96 @@
+"""In-engine calibration: per stage, how much longer a unit runs inside DeepSpeed's engine than the
+profile timed it.
+
+Why: the profile times one stage's layers alone, in a loop. Inside the engine the same forward and
+backward run longer: on the issue's Xeon every unit by 20-25%, on this session's Xeon 0-8% on the
+first stage and 10-25% on the last (``benchmarks/bench_engine_overhead.py`` measures it, wall and
+CPU time side by side). So predictions from the profile alone were 14-29% low. What the engine adds
+is compute, not waiting (a unit's CPU time is its wall time), and it differs by stage and by
+direction, so it is measured where it happens: a short in-engine run of a few candidate slicings
+records every unit's forward and backward (``SeqPipeEngine.slice_trace``), and per stage and
+direction the factor is the sum of measured times over the sum of the latency model's times for
+the same units. ``CostModel.scale`` carries the factors; a latency model file keeps them
+(``calibration``), so that every path pricing a plan on that many stages uses them.
+
+The stated error of a calibration is how far its own runs' units stay from the scaled model
+(``residual``: the largest relative deviation of a run's summed stage time); a held-out run is
+expected within it.
+"""
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+from ..schedules.actions import FORWARD
+from ..slicing import SlicePlan
+from .costs import CostModel
+
+# A traced unit as seqpipe_ds.benchmark records it: [stage, kind ("F"/"B"), micro-batch, batch slice,
+# sequence slice, start, end] (seconds).
+TraceRow = Sequence
+
+
+@dataclass(frozen=True)
+class Calibration:
+    stages: int
+    scale: Tuple[Tuple[float, float], ...]  # per stage (forward, backward) factor
+    residual: float  # the stated error: largest relative deviation of a run's stage time after scaling
+    units: int  # traced units it rests on
+
+    def to_dict(self) -> Dict:
+        return {"stages": self.stages, "scale": [list(pair) for pair in self.scale], "residual": self.residual,
+                "units": self.units}
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "Calibration":
+        return cls(int(data["stages"]), tuple((float(f), float(b)) for f, b in data["scale"]),
+                   float(data["residual"]), int(data["units"]))
+
+
+def _sums(costs: CostModel, runs: Iterable[Tuple[SlicePlan, Sequence[TraceRow]]]):
+    """Per run: {(stage, forward?): (measured seconds, model seconds)} over its traced units."""
+    per_run = []
+    for plan, trace in runs:
+        model = costs.unit_times(plan)
+        sums: Dict[Tuple[int, bool], List[float]] = {}
+        for stage, kind, _, b, s, start, end in trace:
+            forward = kind == FORWARD
+            pair = sums.setdefault((int(stage), forward), [0.0, 0.0])
+            pair[0] += end - start
+            pair[1] += model[int(stage), (int(b), int(s))][0 if forward else 1]
+        per_run.append(sums)
+    return per_run
+
+
+def calibrate(costs: CostModel, runs: Sequence[Tuple[SlicePlan, Sequence[TraceRow]]]) -> Calibration:
+    """Factors of ``costs`` (unscaled) from traced in-engine runs of the plans given."""
+    if costs.scale is not None:
+        raise ValueError("calibrate a cost model without factors (CostModel.scale is already set)")
+    per_run = _sums(costs, runs)
+    scale = []
+    for stage in range(costs.stages):
+        pair = []
+        for forward in (True, False):
+            measured = sum(run[stage, forward][0] for run in per_run if (stage, forward) in run)
+            model = sum(run[stage, forward][1] for run in per_run if (stage, forward) in run)
+            if model <= 0:
+                raise ValueError(f"the calibration runs traced no {'forward' if forward else 'backward'} on stage "
+                                 f"{stage}")
+            pair.append(measured / model)
+        scale.append(tuple(pair))
+    residual = max(abs(sum(run[k][0] for k in run if k[0] == stage) /
+                       sum(run[k][1] * scale[stage][0 if k[1] else 1] for k in run if k[0] == stage) - 1)
+                   for run in per_run for stage in {k[0] for k in run})
+    return Calibration(costs.stages, tuple(scale), residual, sum(len(trace) for _, trace in runs))
+
+
+def store(model_file: str, calibration: Calibration) -> None:
+    """Records the calibration in a latency model file (``seqpipe-plan fit``'s), replacing any earlier one."""
+    with open(model_file) as f:
+        data = json.load(f)
+    data["calibration"] = calibration.to_dict()
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(model_file)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(temporary, model_file)  # never a half-written model file
