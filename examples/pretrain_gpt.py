@@ -12,7 +12,8 @@ A Llama-style model takes Megatron-LM's flags for it, e.g. adding
         --num-query-groups 4 --untie-embeddings-and-output-weights --disable-bias-linear \
         --attention-dropout 0 --recompute-granularity full --recompute-method uniform
 
-(and with --tensor-model-parallel-size 2, --sequence-parallel).
+(and with --tensor-model-parallel-size 2, --sequence-parallel). Packed documents take Megatron-LM's
+--reset-attention-mask --reset-position-ids --eod-mask-loss.
 
 Without --data-path it trains on the embedded corpus (seqpipe_ds/data/corpus), encoded with the
 --tokenizer-type given (GPT2BPETokenizer with --vocab-file/--merge-file, HuggingFaceTokenizer with
@@ -102,9 +103,14 @@ def main():
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
     vocab_size = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
     train_set, valid_set, _ = build_datasets(args.data_path or embedded_corpus_prefix(tokenizer), tokenizer,
-                                             args.seq_length, args.split, megatron_args.num_samples(args), args.seed)
+                                             args.seq_length, args.split, megatron_args.num_samples(args), args.seed,
+                                             reset_position_ids=args.reset_position_ids,
+                                             reset_attention_mask=args.reset_attention_mask,
+                                             eod_mask_loss=args.eod_mask_loss)
 
-    model = gpt_pipeline(megatron_args.gpt_config(args, vocab_size), topology, seed=args.seed)
+    config = megatron_args.gpt_config(args, vocab_size)
+    model = gpt_pipeline(config, topology, seed=args.seed)
+    eod = tokenizer.eod if config.documents else None  # batches then carry each token's document start
     ds_config = megatron_args.deepspeed_config(args)
     args.deepspeed_config = None  # the merged config goes in as config=; DeepSpeed refuses both
     engine, _, _, _ = seqpipe_ds.initialize(
@@ -123,14 +129,14 @@ def main():
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     train_batches = pipeline_batches(train_set, args.micro_batch_size, dp_rank, dp_size,
-                                     consumed_samples=iteration * args.global_batch_size)
+                                     consumed_samples=iteration * args.global_batch_size, eod=eod)
     # The validation split is sized for every evaluation in a row (megatron_args.num_samples), so one
     # iterator serves them all; a resumed run skips what earlier evaluations read, as Megatron does.
     valid_batches = None
     if valid_set:
         valid_batches = pipeline_batches(
             valid_set, args.micro_batch_size, dp_rank, dp_size,
-            consumed_samples=iteration // args.eval_interval * args.eval_iters * args.global_batch_size)
+            consumed_samples=iteration // args.eval_interval * args.eval_iters * args.global_batch_size, eod=eod)
 
     flops = flops_per_iteration(args, vocab_size)
     log = RunLog(args, iteration)

@@ -12,6 +12,7 @@ import deepspeed
 from megatron.core.datasets.utils import get_blend_from_list
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from seqpipe_ds.data.documents import require_eod
 from seqpipe_ds.data.indexed import require_indexed_dataset
 from seqpipe_ds.data.tokenizer import BYTE_LEVEL, TOKENIZER_TYPES, build_tokenizer
 from seqpipe_ds.model import GPTConfig
@@ -95,6 +96,12 @@ def build_parser():
     data.add_argument("--vocab-file", default=None)
     data.add_argument("--merge-file", default=None)
     data.add_argument("--tokenizer-model", default=None, help="HuggingFaceTokenizer: a local tokenizer.json")
+    data.add_argument("--reset-attention-mask", action="store_true",
+                      help="packed documents: attention stays within a document (documents end at the "
+                           "tokenizer's end-of-document id); sliced attention skips other documents' blocks")
+    data.add_argument("--reset-position-ids", action="store_true",
+                      help="positions restart after each end-of-document token (learned embeddings and RoPE)")
+    data.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
 
     logging = parser.add_argument_group("checkpointing and logging")
     logging.add_argument("--save", default=None)
@@ -171,7 +178,7 @@ def validate_args(args, world_size):
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save (the checkpoint directory)")
     # Reads the tokenizer's files now, so a missing or unreadable one is one clear message on every rank.
-    build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
+    require_eod(build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model), args)
     if args.data_path:
         for prefix in get_blend_from_list(args.data_path)[0]:
             try:
@@ -243,7 +250,8 @@ def gpt_config(args, vocab_size):
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
         rotary_percent=args.rotary_percent, sequence_parallel=args.sequence_parallel,
-        recompute_granularity=args.recompute_granularity)
+        recompute_granularity=args.recompute_granularity, reset_attention_mask=args.reset_attention_mask,
+        reset_position_ids=args.reset_position_ids)
 
 
 def flash_attention_notice(args, device_type):

@@ -32,13 +32,16 @@ def _check_split_sizes(config, num_samples):
                     "requested: change --split, or request no samples from that split")
 
 
-def build_datasets(data_prefix, tokenizer, seq_length, split, num_samples, seed, cache_dir=None):
+def build_datasets(data_prefix, tokenizer, seq_length, split, num_samples, seed, cache_dir=None,
+                   reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False):
     """Returns [train, valid, test] GPTDatasets; a split asked for 0 samples is None.
 
     data_prefix: a .bin/.idx prefix, or Megatron's --data-path list (prefixes, optionally each
     preceded by a weight). num_samples: (train, valid, test) sample counts. cache_dir: where the
     shuffled sample indices are cached (megatron-core's default is beside the data). Must be called
     on every rank when torch.distributed is initialized: the builder synchronizes with barriers.
+    The three flags are Megatron-LM's (``data.documents``): the dataset resets the positions and
+    masks the loss itself; the attention's documents come with the batch (``pipeline_batch``).
     """
     blend = get_blend_from_list([data_prefix] if isinstance(data_prefix, str) else list(data_prefix))
     for prefix in blend[0]:
@@ -50,10 +53,10 @@ def build_datasets(data_prefix, tokenizer, seq_length, split, num_samples, seed,
         split=split,
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        # The model builds its own causal mask; a [1, s, s] mask per sample would only cost memory.
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        # The model builds its own causal (or document) mask; a [1, s, s] mask per sample would only cost memory.
         create_attention_mask=False,
     )
     _check_split_sizes(config, num_samples)
