@@ -58,16 +58,14 @@ def segment_blocks(starts: torch.Tensor, offset: int, cached_lengths: Sequence[i
     (``cached_lengths``, in position order)."""
     blocks = []
     cached_offsets = [sum(cached_lengths[:i]) for i in range(len(cached_lengths))]
-    for b, row in enumerate(starts.tolist()):
+    for b, row in enumerate(starts):
+        values, counts = torch.unique_consecutive(row, return_counts=True)
         begin = 0
-        while begin < len(row):
-            end = begin
-            while end < len(row) and row[end] == row[begin]:
-                end += 1
+        for start, count in zip(values.tolist(), counts.tolist()):
+            end = begin + count
             blocks.append((b, begin, end, 0, begin, end, True))
-            start = row[begin]
             for i, (first, length) in enumerate(zip(cached_offsets, cached_lengths)):
-                if start < first + length:  # the slice holds keys of this document: [max(start, first), end)
+                if start < first + length:  # cached slice i holds keys of this document: [max(start, first), end)
                     blocks.append((b, begin, end, i + 1, max(start, first) - first, length, False))
             begin = end
     return blocks
