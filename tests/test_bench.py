@@ -49,3 +49,11 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
         assert len(row["stage_peak_activation_mib"]) == len(row["stage_predicted_peak_activation_mib"]) == 2
         assert row["peak_activation_mib"] > 0 and row["predicted_peak_activation_mib"] > 0
     assert png.stat().st_size > 0
+    # The calibration: factors per stage from the traced in-engine run, stored in the model file, used by
+    # the plans (their recorded latency is the calibrated prediction) and printed beside the profile's.
+    calibration = json.loads((tmp_path / "latency_model.json").read_text())["calibration"]
+    assert calibration["stages"] == 2 and len(calibration["scale"]) == 2 and calibration["units"] > 0
+    assert all(f > 0 and b > 0 for f, b in calibration["scale"]) and calibration["residual"] >= 0
+    assert "engine over profile, forward / backward: stage 0" in done.stdout
+    for name in ("stock DeepSpeed", *seqpipe):
+        assert rows[name]["profile_only_error"] is not None

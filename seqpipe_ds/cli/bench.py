@@ -1,7 +1,9 @@
 """``seqpipe-bench``: seqpipe against stock DeepSpeed pipelining, side by side in one run.
 
 1. Plans for this machine: profile one stage (adaptively, with its embedding / LM head ends and its
-   saved bytes per token), fit the latency model, then plan twice: TeraPipe's DP (dp_results.json,
+   saved bytes per token), fit the latency model, calibrate it by a short traced in-engine run of
+   unsliced 1F1B and one slicing (planner/calibrate.py: per stage, how much longer the engine's
+   forwards and backwards run than the profile's), then plan twice: TeraPipe's DP (dp_results.json,
    the "<schedule> planned" variants) and the schedule-exact search over schedules, micro-batch
    splits and slicings (makespan_results.json, the "makespan planned" variant). Skipped with --plan.
 2. One launch of --stages processes that builds stock DeepSpeed pipelining (the global batch as
@@ -10,8 +12,9 @@
    measured iteration each: bytes saved for backward per stage (saved-tensor hooks; on CUDA also
    max_memory_allocated) and slice timestamps.
 3. One single-process launch of the same work: its time / stages is the bubble-free ideal.
-4. The schedule simulator predicts every variant's step time (latency model) and per-stage peak
-   activation bytes (bytes per token probed on each stage), printed beside the measurements.
+4. The schedule simulator predicts every variant's step time (the calibrated latency model, and the
+   profile alone) and per-stage peak activation bytes (bytes per token probed on each stage), printed
+   beside the measurements; the timed runs are held out from the calibration.
 Prints the table, writes bench.json (and with --png the measured and predicted timelines).
 
 The default is small enough for a first contact on a 2-core CPU (a few minutes, progress shown for
@@ -28,15 +31,19 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
 from ..model.presets import PRESETS, fill_shape, options
+from ..planner.calibrate import calibrate, store
 from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
-from ..planner.planning import bench_plans, pipeline_entry, predict_run, variant_plan
+from ..planner.planning import bench_plans, cost_model, pipeline_entry, predict_run, variant_plan
 from ..schedules import SCHEDULES, Action, Segment
 
 MIB = 2 ** 20
+# The calibration run: slice counts of slice-1f1b on micro-batches of one sequence (1: stock's unsliced 1F1B).
+CALIBRATION_SLICES = (1, 4)
 
 MODEL_FLAGS = ("num-layers", "hidden-size", "num-attention-heads", "vocab-size", "seq-length")
 # Without --model-preset: sized for a first run on a 2-core CPU (a few minutes); --full: the README's comparison
@@ -185,9 +192,10 @@ def _relay(process, log, timeout):
         timer.cancel()
 
 
-def _launch(args, stages, variants, stem, measure=False):
+def _launch(args, stages, variants, stem, measure=False, warmup=None, repeats=None):
     spec = {"model": _model(args), "stages": stages, "variants": variants, "measure": measure,
-            "warmup": args.warmup, "repeats": args.repeats, "out": f"{stem}.json"}
+            "warmup": args.warmup if warmup is None else warmup, "repeats": args.repeats if repeats is None else repeats,
+            "out": f"{stem}.json"}
     with open(f"{stem}.spec.json", "w") as f:
         json.dump(spec, f)
     _run_launcher(args, stages, ["seqpipe_ds.benchmark", f"{stem}.spec.json"], f"{stem}.log")
@@ -219,6 +227,7 @@ def _make_plan(args, out):
     report = fit_profile(measured)
     write_model_file(str(model_file), report, measured)
     print("\n".join(fit_summary(report, measured)))
+    _calibrate(args, out, str(model_file))
     for name, found in zip(("TeraPipe's DP", "schedule-exact search"),
                            bench_plans(str(model_file), args.stages, args.batch_size, args.num_layers, str(plan_file),
                                        str(makespan_file))):
@@ -226,11 +235,28 @@ def _make_plan(args, out):
     return str(plan_file), str(makespan_file), str(model_file)
 
 
+def _calibrate(args, out, model_file):
+    """The traced in-engine run of ``CALIBRATION_SLICES``; its per-stage factors go into the model file."""
+    micro_batches = min(args.batch_size, 2)
+    variants = {f"calibration: {k} slice(s)": _variant(1, micro_batches, {"seq_slices": k, "schedule": "slice-1f1b"})
+                for k in CALIBRATION_SLICES}
+    print(f"calibrating in the engine: slice-1f1b with {', '.join(map(str, CALIBRATION_SLICES))} slice(s), "
+          f"{micro_batches} micro-batch(es), one warm-up + one traced iteration each", flush=True)
+    timing = _launch(args, args.stages, variants, out / "calibration", measure=True, warmup=1, repeats=1)
+    runs = [(variant_plan(variant, args.stages, args.batch_size, args.seq_length)[1], timing["trace"][name])
+            for name, variant in variants.items()]
+    calibration = calibrate(cost_model(read_model_file(model_file), args.stages), runs)
+    store(model_file, calibration)
+    factors = ", ".join(f"stage {s} x{f:.2f} / x{b:.2f}" for s, (f, b) in enumerate(calibration.scale))
+    print(f"engine over profile, forward / backward: {factors} (stated error {calibration.residual:.1%})")
+
+
 def _rows(args, variants, timing, ideal, model_file):
     ideal_time = statistics.median(ideal["times"]["single stage"]) / args.stages
     tokens = args.batch_size * args.seq_length
     stock = statistics.median(timing["times"]["stock DeepSpeed"])
     found = read_model_file(model_file) if model_file else None
+    profile_only = replace(found, calibration=None) if found else None
     rows, predictions = [], {}
     for name, variant in variants.items():
         times = timing["times"][name]
@@ -239,6 +265,8 @@ def _rows(args, variants, timing, ideal, model_file):
         predictions[name] = simulated = predict_run(found, args.stages, schedule, micro_batches, plan,
                                                     timing["saved_bytes_per_token"])
         predicted = simulated.makespan if found else None
+        uncalibrated = predict_run(profile_only, args.stages, schedule, micro_batches, plan,
+                                   timing["saved_bytes_per_token"]).makespan if found else None
         saved = timing["saved_peak_bytes"][name]
         row = {"variant": name, "schedule": "1f1b (stock)" if variant["seqpipe"] is None else schedule,
                "slicing": _describe(variant, plan, micro_batches), "s_per_iter": median,
@@ -246,6 +274,7 @@ def _rows(args, variants, timing, ideal, model_file):
                "tokens_per_s_min": tokens / max(times), "tokens_per_s_max": tokens / min(times),
                "vs_stock": stock / median, "of_ideal": ideal_time / median,
                "predicted_s": predicted, "prediction_error": None if predicted is None else predicted / median - 1,
+               "profile_only_error": None if uncalibrated is None else uncalibrated / median - 1,
                "peak_activation_mib": max(saved) / MIB, "stage_peak_activation_mib": [b / MIB for b in saved],
                "predicted_peak_activation_mib": max(simulated.peak_activation_bytes) / MIB,
                "stage_predicted_peak_activation_mib": [b / MIB for b in simulated.peak_activation_bytes]}
@@ -269,15 +298,18 @@ def _print_table(args, rows, device):
           f"device {device}; medians of {args.repeats} alternating iterations; activation MiB = peak bytes saved "
           "for backward on the fullest stage, measured / simulated")
     header = f"{'variant':<24} {'tokens/s (min-max)':>22} {'x stock':>8} {'of ideal':>9} {'predicted':>16} " \
+             f"{'profile only':>12} " \
              f"{'act. MiB meas/sim':>18}  slicing"
     print(header + "\n" + "-" * len(header))
     for r in rows:
         spread = f"{r['tokens_per_s']:.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f})" \
             if "tokens_per_s_min" in r else f"{r['tokens_per_s']:.0f}"
         predicted = f"{r['predicted_s']:.3f}s ({r['prediction_error']:+.0%})" if r.get("predicted_s") else "-"
+        profile_only = f"{r['profile_only_error']:+.0%}" if r.get("profile_only_error") is not None else "-"
         memory = f"{r['peak_activation_mib']:.0f} / {r['predicted_peak_activation_mib']:.0f}" \
             if "peak_activation_mib" in r else "-"
         print(f"{r['variant']:<24} {spread:>22} {r['vs_stock']:>7.2f}x {r['of_ideal']:>8.0%} {predicted:>16} "
+              f"{profile_only:>12} "
               f"{memory:>18}  {r['slicing']}")
 
 
