@@ -26,6 +26,8 @@ LAYOUTS = {
         # RoPE at the reset positions, grouped-query K/V, each layer recomputed (the rerun replays the cache)
         (_case(pp=2, mbs=2, gas=2, model={**ROPE, "num_query_groups": 2, "recompute_granularity": "full"}),
          every_schedule({"seq_slices": [6, 6, 4]}, {"seq_slices": [3, 13], "batch_slices": 2})),
+        # DeepSpeed's own recomputation: its chunks take and return the (hidden, starts) tuple
+        (_case(pp=2, mbs=2, gas=1, checkpoint_interval=1, model=DOCUMENTS), every_schedule({"seq_slices": [7, 5, 4]})),
         # positions reset but attention across documents (Megatron lets the flags apart)
         (_case(pp=2, mbs=2, gas=1, model={"position_embedding_type": "rope", "reset_position_ids": True}),
          every_schedule({"seq_slices": 4})),
@@ -33,6 +35,10 @@ LAYOUTS = {
     "pp4": (4, [(_case(pp=4, mbs=2, gas=2, model={**DOCUMENTS, "recompute_granularity": "selective"}),
                  every_schedule({"seq_slices": [5, 1, 7, 3]}))]),
     "pp2_tp2": (4, [(_case(pp=2, tp=2, mbs=2, gas=1, model=ROPE), every_schedule({"seq_slices": 4}))]),
+    # sequence parallelism: each TP rank holds its own tokens, all ranks the slice's whole starts
+    "pp2_tp2_sp": (4, [(_case(pp=2, tp=2, mbs=2, gas=1, model={**DOCUMENTS, "sequence_parallel": True},
+                              ds_config={"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}),
+                        every_schedule({"seq_slices": [6, 8, 2]}))]),
     "pp2_dp2": (4, [(_case(pp=2, dp=2, mbs=2, gas=1, model=DOCUMENTS),
                      every_schedule({"seq_slices": [9, 7], "batch_slices": 2}))]),
 }
