@@ -20,6 +20,7 @@ import numpy as np
 from ..model.presets import PRESETS, SHAPE, fill_shape, options
 from ..planner import planning, read_plans, write_plan
 from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
+from ..planner.recompute import RECOMPUTE_MODES
 from ..planner.search import SCHEDULE_NAMES
 from ..schedules import SCHEDULES
 from ..slicing import make_plan
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stage-ends", dest="stage_ends", action="store_false",
                    help="skip the embedding (first stage) and LM head + loss (last stage) measurements")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="batch sizes to measure (default 1..micro batch)")
+    p.add_argument("--recompute-modes", nargs="*", choices=RECOMPUTE_MODES[1:], default=list(RECOMPUTE_MODES[1:]),
+                   help="activation recomputation modes to time and meter besides none (default: all; none given: "
+                        "skip them, and solve can then plan without recomputation only)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point; the median is kept")
     p.add_argument("--p2p-sizes", type=int, nargs="+", default=[], help="message sizes in bytes")

@@ -9,7 +9,9 @@ earlier slices, which its attention reads; ``contexts`` is the one place that co
 ``compute(stage, b, l, c)`` is its forward + backward seconds on a stage, ``forward_fraction`` of
 it the forward; ``send(b, l)`` one activation or gradient message between neighbour stages;
 ``step`` each stage's reduction + optimizer step. ``unit_times`` is where a stage's own options
-would change a unit's forward / backward split.
+change a unit's forward / backward split: the calibration's ``scale``, and activation recomputation
+(``recompute``, one mode for every stage: ``recompute.py``), whose rerun of the forward
+(``recompute_cost``, measured per mode by the profile) lengthens each backward.
 
 Two readings of a latency model (``seqpipe-plan fit``):
 
@@ -20,8 +22,9 @@ Two readings of a latency model (``seqpipe-plan fit``):
   makespan is the DP's objective sum(t) + (stages - 1) * max(t) + step exactly (a proportionate
   flow shop: every stage takes t * forward_fraction forward and the rest backward).
 """
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import functools
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +32,7 @@ from ..schedules import Costs, SimResult, lower, simulate
 from ..schedules.actions import FORWARD
 from ..slicing import SlicePlan
 from .memory_model import MemoryModel
+from .recompute import check_mode
 
 FORWARD_FRACTION = 1 / 3  # forward's share of a unit's compute where nothing was measured: backward ~ 2 forwards
 
@@ -38,6 +42,13 @@ Unit = Tuple[int, int]
 def contexts(plan: SlicePlan) -> Dict[Unit, int]:
     """Tokens of the same sequences before each unit: the context its attention reads."""
     return {(b, s): sum(lengths[:s]) for b, lengths in enumerate(plan.seq_slices) for s in range(len(lengths))}
+
+
+def unit_tokens(plan: SlicePlan) -> List[Tuple[int, int]]:
+    """(tokens, context tokens) of every unit, summed over its sequences: what the memory model's
+    transient of a unit's backward grows with."""
+    context = contexts(plan)
+    return [(b * l, b * context[unit]) for unit in plan.units() for b, l in [plan.shape(unit)]]
 
 
 def slice_grid(time: Callable, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
@@ -76,6 +87,7 @@ class Candidate:
     makespan: float
     peak_bytes: Optional[List[float]]  # per stage, with a memory model
     source: str  # which seed or move produced it
+    recompute: str = "none"  # the activation recomputation of every stage (recompute.RECOMPUTE_MODES)
 
     @property
     def micro_batch_size(self) -> int:
@@ -87,14 +99,16 @@ class Candidate:
 
     def describe(self) -> str:
         parts = " | ".join(f"{b}x{list(lengths)}" for b, lengths in zip(self.plan.batch_slices, self.plan.seq_slices))
-        return f"{self.schedule}, {self.micro_batches} micro-batch(es) of ({parts})"
+        return f"{self.schedule}, recompute {self.recompute}, {self.micro_batches} micro-batch(es) of ({parts})"
 
 
 @dataclass(frozen=True)
 class CostModel:
     """What a unit costs on each stage, in seconds (see the module's docstring). ``compute`` and
     ``send`` take numbers or numpy arrays alike; ``hidden_size`` weighs attention against the
-    matmuls in the search's equal-FLOP seeds."""
+    matmuls in the search's equal-FLOP seeds. ``recompute_cost[mode](stage, b, l, c)``: the seconds
+    a unit's backward adds to rerun its forward under recomputation ``mode`` (before ``scale``),
+    for every mode it can price besides "none"."""
     stages: int
     compute: Callable[[int, int, int, int], float]
     send: Callable[[int, int], float] = lambda b, l: 0.0
@@ -104,38 +118,53 @@ class CostModel:
     # Per stage (forward, backward) factors on the latency model's times: what a short in-engine run
     # measured against them (``calibrate.py``); None: the profile's times as they are.
     scale: Optional[Tuple[Tuple[float, float], ...]] = None
+    recompute: str = "none"
+    recompute_cost: Mapping[str, Callable[[int, int, int, int], float]] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self):
+        check_mode(self.recompute)
+        if self.recompute != "none" and self.recompute not in self.recompute_cost:
+            raise ValueError(f"recompute {self.recompute!r} has no measured cost of rerunning the forward (priced: "
+                             f"{', '.join(['none', *self.recompute_cost])}): profile it (seqpipe-plan profile "
+                             "--recompute-modes) and fit again")
 
     @classmethod
-    def from_latency_model(cls, model, stages: int, hidden_size: int) -> "CostModel":
-        """Each stage's layers, plus the embedding on the first and the head + loss on the last."""
+    def from_latency_model(cls, model, stages: int, hidden_size: int, recompute: str = "none") -> "CostModel":
+        """Each stage's layers, plus the embedding on the first and the head + loss on the last; under
+        ``recompute`` the layers' measured rerun (``LatencyModel.recompute_time``)."""
         return cls(stages=stages, compute=lambda s, b, l, c: model.stage_compute(b, l, c, s == 0, s == stages - 1),
                    send=model.send_time, forward_fraction=model.forward_fraction, step=model.update_time,
-                   hidden_size=hidden_size)
+                   hidden_size=hidden_size, recompute=recompute, recompute_cost=_rerun(model))
 
     @classmethod
-    def identical_stages(cls, model, stages: int, hidden_size: int) -> "CostModel":
+    def identical_stages(cls, model, stages: int, hidden_size: int, recompute: str = "none") -> "CostModel":
         """TeraPipe's DP's reading: every stage the profiled one, a slice's sends inside its time."""
         return cls(stages=stages, compute=lambda s, b, l, c: model.predict(b, l, c),
-                   forward_fraction=model.forward_fraction, step=model.update_time, hidden_size=hidden_size)
+                   forward_fraction=model.forward_fraction, step=model.update_time, hidden_size=hidden_size,
+                   recompute=recompute, recompute_cost=_rerun(model))
+
+    def with_recompute(self, mode: str) -> "CostModel":
+        """The same stages under recomputation ``mode``."""
+        return replace(self, recompute=mode)
+
+    def split(self, stage: int, b, l, c) -> Tuple:
+        """(forward, backward) seconds of units of shape (b, l, c) on ``stage`` (numbers or arrays):
+        the forward share of the compute, the rest plus the recomputation's rerun in the backward,
+        each by the calibration's factors (the rerun is forward work: the forward's)."""
+        t = self.compute(stage, b, l, c)
+        forward, backward = self.scale[stage] if self.scale else (1.0, 1.0)
+        rerun = self.recompute_cost[self.recompute](stage, b, l, c) if self.recompute != "none" else 0.0
+        return t * self.forward_fraction * forward, t * (1 - self.forward_fraction) * backward + rerun * forward
 
     def unit_times(self, plan: SlicePlan) -> Dict[Tuple[int, Unit], Tuple[float, float]]:
         """(forward, backward) seconds of every unit on every stage; ValueError where the model cannot
         time one (outside the profiled range)."""
         context = contexts(plan)
-        times = {}
-        for stage in range(self.stages):
-            for unit in plan.units():
-                t = float(self.compute(stage, *plan.shape(unit), context[unit]))
-                forward, backward = self.scale[stage] if self.scale else (1.0, 1.0)
-                times[stage, unit] = (t * self.forward_fraction * forward, t * (1 - self.forward_fraction) * backward)
+        times = {(stage, unit): tuple(float(v) for v in self.split(stage, *plan.shape(unit), context[unit]))
+                 for stage in range(self.stages) for unit in plan.units()}
         if not np.isfinite([v for pair in times.values() for v in pair]).all():
             raise ValueError("the latency model cannot predict every slice of this plan (outside the profiled range)")
         return times
-
-    def _factor(self, stage: int) -> float:
-        """The calibration's factor on a stage's forward + backward."""
-        forward, backward = self.scale[stage] if self.scale else (1.0, 1.0)
-        return self.forward_fraction * forward + (1 - self.forward_fraction) * backward
 
     def costs(self, plan: SlicePlan) -> Costs:
         """The simulator's costs of ``plan``'s units."""
@@ -153,14 +182,26 @@ class CostModel:
                 source: str = "") -> Candidate:
         """The step time of ``schedule`` running ``micro_batches`` micro-batches sliced by ``plan``, and
         with a memory model each stage's peak."""
+        if memory is not None and memory.recompute != self.recompute:
+            raise ValueError(f"memory model for recompute {memory.recompute!r}, costs for {self.recompute!r}")
         result = self.simulate(schedule, micro_batches, plan)
-        peaks = memory.peaks(result.peak_alive_tokens) if memory is not None else None
-        return Candidate(schedule, micro_batches, plan, result.makespan, peaks, source)
+        peaks = memory.peaks(result.peak_alive_tokens, unit_tokens(plan)) if memory is not None else None
+        return Candidate(schedule, micro_batches, plan, result.makespan, peaks, source, self.recompute)
 
     def bottleneck_grid(self, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:
         """``solve``'s grid from the slowest stage's slice time plus a send each way."""
         def slowest(b, l, c):
-            compute = np.max([np.broadcast_to(self.compute(s, b, l, c) * self._factor(s), b.shape)
-                              for s in range(self.stages)], axis=0)
+            compute = np.max([np.broadcast_to(sum(self.split(s, b, l, c)), b.shape) for s in range(self.stages)],
+                             axis=0)
             return compute + (2 * np.broadcast_to(self.send(b, l), b.shape) if self.stages > 1 else 0.0)
         return slice_grid(slowest, batch_size, seq_len, granularity)
+
+
+def _rerun(model) -> Dict[str, Callable[[int, int, int, int], float]]:
+    """A latency model's measured recomputation costs, as ``CostModel.recompute_cost``: every stage
+    reruns its layers (the embedding and the head are not recomputed)."""
+    return {mode: functools.partial(_layers_rerun, model, mode) for mode in model.recompute_extra}
+
+
+def _layers_rerun(model, mode: str, stage: int, b, l, c):
+    return model.recompute_time(mode, b, l, c)

@@ -22,6 +22,11 @@ token alive on a stage. Models fitted to older profiles have none of these: no e
 ``costs.FORWARD_FRACTION``, none. ``message_bytes_per_token`` (``bytes_per_token`` in older model
 files) is the p2p message's bytes per token, which ``send`` charges.
 
+Activation recomputation (one mode for every stage): ``recompute_extra[mode]`` is what the rerun
+adds to a slice's backward as a multiple of its layers' forward (``recompute_extra``, from the
+profile's ``recompute`` rows), and ``recompute_bytes[mode]`` the profile's metered bytes of that
+mode (``profile.activation_bytes``). Models fitted before either was measured price "none" alone.
+
 The held-out check refits without a random part of the measured points and reports the relative
 error on them (the paper reports < 2%); the model returned is then refitted on every point.
 """
@@ -51,6 +56,10 @@ class LatencyModel:
     stage_ends: Dict[str, List[float]] = field(default_factory=dict)  # "first"/"last": [e0, e1] (s, s per token)
     forward_fraction: float = FORWARD_FRACTION  # forward's share of a slice's compute time
     saved_bytes_per_token: Dict[str, float] = field(default_factory=dict)  # "first"/"middle"/"last"
+    # Per recomputation mode besides "none": the rerun's backward seconds as a multiple of the layers' forward.
+    recompute_extra: Dict[str, float] = field(default_factory=dict)
+    # Per recomputation mode ("none" too): its ``profile.saved_bytes_per_token`` (kept, transient, context).
+    recompute_bytes: Dict[str, Dict] = field(default_factory=dict)
 
     def predict(self, b, l, c) -> np.ndarray:
         """Slice times (compute + sends) for arrays of b, l, c; inf outside the measured b and l."""
@@ -62,6 +71,22 @@ class LatencyModel:
         a0, a1, a2, a3 = self.context_coef
         context = np.where(c > 0, a0 + a1 * b * l + a2 * b * c + a3 * b * l * c, 0.0)
         return self._no_context(b, l) + context
+
+    def recompute_time(self, mode: str, b, l, c) -> np.ndarray:
+        """What recomputation ``mode`` adds to a slice's backward: the measured multiple of its layers'
+        forward (the embedding and the head are never recomputed)."""
+        if mode not in self.recompute_extra:
+            raise ValueError(f"the latency model has no measured cost of recompute {mode!r}")
+        return self.recompute_extra[mode] * self.forward_fraction * self.compute_time(b, l, c)
+
+    def memory_per_token(self, mode: str = "none") -> Dict:
+        """The profile's saved bytes of recomputation ``mode`` (``profile.saved_bytes_per_token``'s
+        layout; a model fitted before the modes were measured has "none"'s kept bytes alone); empty
+        when not measured."""
+        if mode == "none":
+            return self.recompute_bytes.get("none") or (
+                {"kept": self.saved_bytes_per_token} if self.saved_bytes_per_token else {})
+        return self.recompute_bytes.get(mode, {})
 
     def stage_compute(self, b, l, c, first: bool, last: bool) -> np.ndarray:
         """Forward + backward compute of a slice on a stage: the layers plus the stage's own ends."""
@@ -128,7 +153,9 @@ def fit_profile(profile: Dict, holdout: float = 0.2, seed: int = 0) -> FitReport
                   update_time=float(profile.get("optimizer_step") or 0.0),
                   stage_ends={end: _fit_tokens(rows) for end, rows in (profile.get("stage_ends") or {}).items()},
                   forward_fraction=_forward_fraction(profile),
-                  saved_bytes_per_token=dict(profile.get("saved_bytes_per_token") or {}))
+                  saved_bytes_per_token=dict(profile.get("saved_bytes_per_token") or {}),
+                  recompute_extra=recompute_extra(profile.get("recompute") or []),
+                  recompute_bytes=dict(profile.get("recompute_bytes") or {}))
     trial = _fit_compute(b[~check], l[~check], c[~check], t[~check], shared)
     error = np.abs(trial.compute_time(b[check], l[check], c[check]) - t[check]) / t[check]
     return FitReport(model=_fit_compute(b, l, c, t, shared),
@@ -152,6 +179,10 @@ def fit_summary(report: FitReport, profile: Dict) -> List[str]:
     if model.saved_bytes_per_token:
         lines.append("saved for backward per token: " + ", ".join(f"{kind} stage {v / 1024:.1f} KiB"
                                                                   for kind, v in model.saved_bytes_per_token.items()))
+    for mode, extra in model.recompute_extra.items():
+        kept = model.memory_per_token(mode).get("kept")
+        lines.append(f"recompute {mode}: backward + {extra:.3g} x the layers' forward"
+                     + (f", keeps {kept['middle'] / 1024:.1f} KiB per token (middle stage)" if kept else ""))
     lines.append(f"held-out relative error on {report.heldout_points} points: mean {report.heldout_mean_error:.2%}, "
                  f"max {report.heldout_max_error:.2%}")
     adaptive = profile.get("adaptive")
@@ -256,6 +287,19 @@ def _fit_tokens(rows: List[Dict]) -> List[float]:
     if tokens.size < 2 or np.unique(tokens).size < 2:
         raise ValueError("a stage end needs measurements at >= 2 token counts")
     return [float(v) for v in _relative_lstsq(np.stack([np.ones_like(tokens), tokens], axis=1), t, t)]
+
+
+def recompute_extra(rows: List[Dict]) -> Dict[str, float]:
+    """Per recomputation mode (besides "none"), what it adds to a slice's time as a multiple of the
+    plain slice's forward: the median over the points timed in both (``profile.recompute_rows``),
+    at least 0 (a rerun is never free; a negative median is noise)."""
+    plain = {(r["b"], r["l"], r["c"]): r for r in rows if r["recompute"] == "none"}
+    ratios: Dict[str, List[float]] = {}
+    for row in rows:
+        base = plain.get((row["b"], row["l"], row["c"]))
+        if row["recompute"] != "none" and base is not None:
+            ratios.setdefault(row["recompute"], []).append((row["time"] - base["time"]) / base["forward"])
+    return {mode: max(0.0, float(np.median(values))) for mode, values in ratios.items()}
 
 
 def _forward_fraction(profile: Dict) -> float:

@@ -2,9 +2,12 @@
 when the entry names one) at engine start.
 
 Every rank reads the same file and config and so picks the same entry (or raises the same
-PlanFileError) before any communication.
+PlanFileError) before any communication. An entry was priced for one activation recomputation
+(``recompute``); a model built with another (``gpt_config.recompute_granularity``, which
+``gpt_pipeline`` attaches) would neither take the time nor the memory planned, so it is refused.
 """
 from .plan_file import PlanFileError, find_plan
+from .recompute import granularity, mode_of
 
 
 def slices_from_plan(cfg, ds_config, model):
@@ -29,4 +32,11 @@ def slices_from_plan(cfg, ds_config, model):
             raise PlanFileError(f'seqpipe: "schedule" is {cfg.schedule!r} but the plan in {cfg.plan} was made for '
                                 f'{entry.schedule!r}; drop "schedule" from the config or solve for {cfg.schedule!r}')
         schedule = entry.schedule
+    built = getattr(model, "gpt_config", None)
+    if built is not None and mode_of(built.recompute_granularity) != entry.recompute:
+        raise PlanFileError(f"seqpipe: the plan in {cfg.plan} was made for recompute {entry.recompute!r}, but the model "
+                            f"is built with recompute_granularity={built.recompute_granularity!r}: build it with "
+                            f"recompute_granularity={granularity(entry.recompute)!r} (Megatron's "
+                            "--recompute-granularity) or solve for its own recomputation (seqpipe-plan solve "
+                            f"--recompute {mode_of(built.recompute_granularity)})")
     return entry.batch_slices, entry.input_slices, schedule

@@ -15,10 +15,32 @@ and not yet backwarded. The schedule simulator counts the tokens alive per stage
 (``SavedTensorMeter`` on one whole sequence of a first, middle and last stage, which the attention
 over KV blocks keeps independent of the slicing), or estimated (``analytic_bytes_per_token``) for
 a device never profiled.
+
+Activation recomputation (``recompute.RECOMPUTE_MODES``, one mode for every stage) changes what a
+token keeps, and adds what a unit's backward holds while it reruns the forward, both measured by
+the profile with ``SavedTensorMeter`` per mode (``profile.saved_bytes_per_token``):
+
+* ``bytes_per_token``: what autograd keeps per alive token; with "full" only each layer's input.
+* ``transient_bytes_per_token``: during the backward of a unit, per token of that unit, above what
+  the unit keeps: the rerun layer's own activations ("full"; "selective" reruns only the attention
+  core, which keeps no more than it saved).
+* ``context_bytes_per_token``: during that backward, per token of the unit's context: the earlier
+  slices' cached K/V of the rerun layer, which the rerun's attention saves ("full" ran the first
+  forward without autograd, so nothing had saved them).
+* ``cache_bytes_per_token``: per alive token, what seqpipe's KV cache holds that autograd never
+  saved: under "full", every layer's K/V. ``SavedTensorMeter`` does not see it, real memory does;
+  stock DeepSpeed runs no KV cache (``without_cache``).
+
+A stage's peak is then modelled as alive tokens x (kept + cached) + the largest unit's transient
+(its tokens x transient + its context x context bytes): exact when the largest unit's backward
+runs at the peak of alive tokens (in 1F1B a backward starts at that peak), an upper bound
+otherwise.
 """
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .recompute import check_mode
 
 # Adam: (parameter, gradient, optimizer part) bytes per parameter; the optimizer part is what ZeRO-1 shards.
 _STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
@@ -123,23 +145,56 @@ def kinds(stages: int) -> List[str]:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """Per stage: bytes held all step (model states) and saved-activation bytes per alive token."""
+    """Per stage: bytes held all step (model states) and the activation bytes of one recomputation
+    mode (the module's docstring); the per-token lists left empty are zero."""
     static_bytes: List[float]
     bytes_per_token: List[float]
+    transient_bytes_per_token: List[float] = field(default_factory=list)
+    context_bytes_per_token: List[float] = field(default_factory=list)
+    cache_bytes_per_token: List[float] = field(default_factory=list)
+    recompute: str = "none"
+
+    def __post_init__(self):
+        check_mode(self.recompute)
+        stages = len(self.static_bytes)
+        for name in ("bytes_per_token", "transient_bytes_per_token", "context_bytes_per_token",
+                     "cache_bytes_per_token"):
+            values = getattr(self, name)
+            if values and len(values) != stages:
+                raise ValueError(f"MemoryModel.{name} has {len(values)} stages, static_bytes {stages}")
 
     @classmethod
     def for_stages(cls, stage_params: Sequence[int], bytes_per_token: Mapping[str, float], precision: str = "fp32",
-                   zero_stage: int = 0, dp: int = 1) -> "MemoryModel":
-        stages = len(stage_params)
+                   zero_stage: int = 0, dp: int = 1, transient: Optional[Mapping[str, float]] = None,
+                   context: float = 0.0, cache: float = 0.0, recompute: str = "none") -> "MemoryModel":
+        """``bytes_per_token`` and ``transient`` per stage kind (``kinds``); ``context`` and ``cache``
+        bytes per token alike on every stage."""
+        stage_kinds = kinds(len(stage_params))
         return cls([model_state_bytes(p, precision, zero_stage, dp) for p in stage_params],
-                   [float(bytes_per_token[kind]) for kind in kinds(stages)])
+                   [float(bytes_per_token[kind]) for kind in stage_kinds],
+                   [float(transient[kind]) for kind in stage_kinds] if transient else [],
+                   [float(context)] * len(stage_kinds), [float(cache)] * len(stage_kinds), recompute)
 
-    def activation_peaks(self, peak_alive_tokens: Sequence[int]) -> List[float]:
-        return [tokens * per_token for tokens, per_token in zip(peak_alive_tokens, self.bytes_per_token)]
+    def without_cache(self) -> "MemoryModel":
+        """The same stages without seqpipe's KV cache: stock DeepSpeed's engine."""
+        return replace(self, cache_bytes_per_token=[])
 
-    def peaks(self, peak_alive_tokens: Sequence[int]) -> List[float]:
-        """Per stage: model states + saved activations at the schedule's peak."""
-        return [s + a for s, a in zip(self.static_bytes, self.activation_peaks(peak_alive_tokens))]
+    def activation_peaks(self, peak_alive_tokens: Sequence[int],
+                         units: Sequence[Tuple[int, int]] = ()) -> List[float]:
+        """Per stage, what ``SavedTensorMeter`` counts at the peak: the alive tokens' saved bytes, plus
+        the largest transient of ``units``' backwards ((tokens, context tokens) of each unit)."""
+        return [tokens * _at(self.bytes_per_token, s) + self._transient(s, units)
+                for s, tokens in enumerate(peak_alive_tokens)]
+
+    def peaks(self, peak_alive_tokens: Sequence[int], units: Sequence[Tuple[int, int]] = ()) -> List[float]:
+        """Per stage: model states + activations at the schedule's peak, with the KV cache's bytes."""
+        return [static + active + tokens * _at(self.cache_bytes_per_token, s)
+                for s, (static, active, tokens) in enumerate(zip(
+                    self.static_bytes, self.activation_peaks(peak_alive_tokens, units), peak_alive_tokens))]
+
+    def _transient(self, stage: int, units: Sequence[Tuple[int, int]]) -> float:
+        per_token, per_context = _at(self.transient_bytes_per_token, stage), _at(self.context_bytes_per_token, stage)
+        return max((tokens * per_token + context * per_context for tokens, context in units), default=0.0)
 
     def check_limit(self, limit: Optional[float]) -> None:
         """ValueError if the model states alone exceed the limit on some stage."""
@@ -150,6 +205,10 @@ class MemoryModel:
             raise ValueError(f"memory limit {format_bytes(limit)} is below the parameters, gradients and optimizer "
                              f"states alone ({format_bytes(self.static_bytes[worst])} on stage {worst}): more "
                              "pipeline stages, tensor parallelism or ZeRO-1 with data parallelism are needed")
+
+
+def _at(values: Sequence[float], stage: int) -> float:
+    return values[stage] if values else 0.0
 
 
 def format_bytes(value: float) -> str:

@@ -9,12 +9,15 @@ Our entries::
      "batch_slices": [1, 1], "input_slices": [[1024, 640, 384], [1024, 640, 384]],
      "latency": 1.23, "micro_batches": 4,      # the simulated step of this many micro-batches
      "schedule": "slice-1f1b",                 # optional: the schedule planned for (the hook applies it)
+     "recompute": "none",                      # activation recomputation of every stage (none/selective/full)
      "predicted_peak_bytes": [3.1e10, 2.9e10]} # optional: per stage, the memory model's peak
 
 ``latency`` is the step time ``costs.CostModel`` simulates for ``micro_batches`` micro-batches:
 with a schedule, what runs (``from_latency_model``); without one, TeraPipe's DP objective
 (``identical_stages``, terapipe order). Files without ``micro_batches`` read as the global batch
-over DP and the micro batch for an entry with a schedule and a global batch size, else 1.
+over DP and the micro batch for an entry with a schedule and a global batch size, else 1; files
+without ``recompute`` read as "none" (planned before recomputation was a plan dimension). The
+hook refuses an entry whose recomputation is not the model's.
 
 A setting is identified by the model, the batch sizes, TP/PP/DP and the device; ``write_plan``
 replaces the entry of the same setting.
@@ -35,6 +38,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+from .recompute import check_mode
 
 MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size")
 _LEGACY_FIELDS = ("model_name", "batch_size", "model_parallel_size", "pipeline_length", "data_parallel_size",
@@ -61,6 +66,7 @@ class PlanEntry:
     schedule: Optional[str] = None  # None: the config's schedule (plans of TeraPipe's DP and legacy files)
     predicted_peak_bytes: Optional[List[float]] = None  # per stage: model states + saved activations
     micro_batches: int = 1  # the micro-batches per step that ``latency`` is the simulated time of
+    recompute: str = "none"  # the activation recomputation ``latency`` and the peaks were priced with
 
     @property
     def is_legacy(self) -> bool:
@@ -80,6 +86,7 @@ class PlanEntry:
                 model += f" ({self.model['name']})"
         extras = [f"global_batch_size={self.global_batch_size}"] if self.global_batch_size is not None else []
         extras += [f"device={self.device!r}"] if self.device is not None else []
+        extras += [f"recompute={self.recompute}"] if self.recompute != "none" else []
         return ", ".join([model, f"micro_batch_size={self.micro_batch_size}", f"tp={self.tp}", f"pp={self.pp}",
                           f"dp={self.dp}"] + extras)
 
@@ -94,7 +101,8 @@ class PlanEntry:
         return {"model": self.model, "global_batch_size": self.global_batch_size,
                 "micro_batch_size": self.micro_batch_size, "tp": self.tp, "pp": self.pp, "dp": self.dp,
                 "device": self.device, "batch_slices": self.batch_slices, "input_slices": self.input_slices,
-                "latency": self.latency, "micro_batches": self.micro_batches, **optional, **self.extra}
+                "latency": self.latency, "micro_batches": self.micro_batches, "recompute": self.recompute,
+                **optional, **self.extra}
 
 
 def read_plans(path: str) -> List[PlanEntry]:
@@ -176,7 +184,8 @@ def _parse(item: Any, index: int, path: str) -> PlanEntry:
                           global_batch_size=_optional_int(item.get("global_batch_size")),
                           device=item.get("device"), schedule=_schedule(item.get("schedule")),
                           predicted_peak_bytes=None if item.get("predicted_peak_bytes") is None
-                          else [float(b) for b in item["predicted_peak_bytes"]])
+                          else [float(b) for b in item["predicted_peak_bytes"]],
+                          recompute=check_mode(item.get("recompute") or "none"))
         return replace(entry, micro_batches=int(item.get("micro_batches") or _older_micro_batches(entry)))
     except (KeyError, TypeError, ValueError) as e:
         raise PlanFileError(f"plan file {path}: entry [{index}] is malformed ({type(e).__name__}: {e}); each entry "

@@ -5,14 +5,17 @@ plan, as library calls (the commands parse, call these and print).
   (``CostModel.identical_stages``) its latency is the DP's objective.
 * ``makespan_plan``: the schedule-exact search (``search.py``) over schedules, micro-batch splits
   and slicings with every stage's own costs (``CostModel.from_latency_model``), under a per-stage
-  memory limit when the profile measured the saved bytes per token.
+  memory limit when the profile measured the saved bytes per token; with ``recompute_modes``, also
+  the activation recomputation (one mode for every stage), each mode's memory from ``stage_memory``.
+* ``budget_plans``: stock DeepSpeed's and seqpipe's fastest configurations predicted to fit one
+  memory limit (what ``seqpipe-bench --memory-limit`` runs).
 * ``entry``: a plan-file entry for either, recording the micro-batches its latency is for, so that
   ``simulate_entry`` (``seqpipe-plan show``) reproduces the latency.
 * ``bench_plans``, ``variant_plan`` and ``predict_run``: what ``seqpipe-bench`` plans, runs and
   predicts for each of its variants (``seqpipe_ds.benchmark``'s spec).
 """
 from dataclasses import replace
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..model.presets import options
 from ..schedules import SimResult
@@ -22,7 +25,9 @@ from .costs import Candidate, CostModel, simulate_plan
 from .fit import ModelFile, read_model_file
 from .memory_model import MemoryModel, stage_parameters
 from .plan_file import PlanEntry, PlanFileError, read_plans, write_plan
-from .search import SCHEDULE_NAMES, SearchResult, search
+from .recompute import RECOMPUTE_MODES
+from .search import (SCHEDULE_NAMES, MemoryByMode, SearchResult, divisors, fastest_fitting, search,
+                     stock_candidates)
 from .solve import solve
 
 
@@ -36,45 +41,96 @@ def model_fields(config: Mapping, stages: int, seq_len: int, num_model_layers: O
 
 
 def cost_model(found: ModelFile, stages: int, update_time: Optional[float] = None,
-               identical: bool = False) -> CostModel:
-    """What runs (``identical`` False) or TeraPipe's DP's reading of the model file, with the
-    optimizer step's time replaced when ``update_time`` is given. What runs carries the file's
-    in-engine calibration when it was made on ``stages`` stages (``calibrate.py``)."""
+               identical: bool = False, recompute: str = "none") -> CostModel:
+    """What runs (``identical`` False) or TeraPipe's DP's reading of the model file, under
+    recomputation ``recompute``, with the optimizer step's time replaced when ``update_time`` is
+    given. What runs carries the file's in-engine calibration when it was made on ``stages`` stages
+    (``calibrate.py``)."""
     model = found.model if update_time is None else replace(found.model, update_time=update_time)
     if identical:
-        return CostModel.identical_stages(model, stages, found.config["hidden_size"])
-    costs = CostModel.from_latency_model(model, stages, found.config["hidden_size"])
+        return CostModel.identical_stages(model, stages, found.config["hidden_size"], recompute)
+    costs = CostModel.from_latency_model(model, stages, found.config["hidden_size"], recompute)
     calibration = Calibration.from_dict(found.calibration) if found.calibration else None
     return replace(costs, scale=calibration.scale) if calibration and calibration.stages == stages else costs
 
 
 def stage_memory(found: ModelFile, stages: int, seq_len: int, num_model_layers: Optional[int] = None,
-                 precision: Optional[str] = None, zero_stage: int = 0, dp: int = 1) -> Optional[MemoryModel]:
-    """Each stage's model states and saved bytes per token (the profiled layers' share scaled to the
-    stage's layers); None when the profile measured no saved bytes."""
-    config, measured = found.config, found.model.saved_bytes_per_token
+                 precision: Optional[str] = None, zero_stage: int = 0, dp: int = 1,
+                 recompute: str = "none") -> Optional[MemoryModel]:
+    """Each stage's model states and, under recomputation ``recompute``, its activation bytes: what a
+    token keeps and the KV cache holds, the profiled layers' share scaled to the stage's layers; a
+    backward's transient (one layer rerun at a time) as measured. None when the profile measured no
+    saved bytes; ValueError when it measured none for ``recompute``."""
+    config, measured = found.config, found.model.memory_per_token(recompute)
     if not measured:
-        return None
+        if recompute == "none":
+            return None
+        raise ValueError(f"the profile measured no saved bytes under recompute {recompute!r}: re-profile with "
+                         f"--recompute-modes {recompute}")
     layers = num_model_layers or config["num_layers"] * stages
     shape = {**model_fields(config, stages, seq_len, layers), "max_position_embeddings": seq_len,
              **(options(config["model_preset"]) if config.get("model_preset") else {})}
-    stage_layers = measured["middle"] * -(-layers // stages) / config["num_layers"]  # the layers' bytes, scaled
-    per_token = {kind: stage_layers + value - measured["middle"] for kind, value in measured.items()}
+    kept, stage_layers = measured["kept"], -(-layers // stages)
+    layer_bytes = kept["middle"] * stage_layers / config["num_layers"]  # the layers' bytes, scaled
+    per_token = {kind: layer_bytes + value - kept["middle"] for kind, value in kept.items()}
+    context = measured.get("context", 0.0)  # one layer's cached K/V per token, which autograd did not keep
     return MemoryModel.for_stages(stage_parameters(shape, stages, config["tp"]), per_token,
-                                  precision or config.get("dtype", "fp32"), zero_stage, dp)
+                                  precision or config.get("dtype", "fp32"), zero_stage, dp,
+                                  transient=measured.get("transient"), context=context, cache=context * stage_layers,
+                                  recompute=recompute)
+
+
+def memory_by_mode(found: ModelFile, stages: int, seq_len: int, modes: Sequence[str],
+                   num_model_layers: Optional[int] = None, precision: Optional[str] = None, zero_stage: int = 0,
+                   dp: int = 1) -> Optional[Dict[str, MemoryModel]]:
+    """``stage_memory`` of every mode in ``modes``; None when the profile measured no saved bytes."""
+    models = {mode: stage_memory(found, stages, seq_len, num_model_layers, precision, zero_stage, dp, mode)
+              for mode in modes}
+    return None if any(m is None for m in models.values()) else models
 
 
 def makespan_plan(found: ModelFile, stages: int, batch_size: int, seq_len: int, granularity: int,
-                  schedules: Sequence[str] = SCHEDULE_NAMES, memory: Optional[MemoryModel] = None,
+                  schedules: Sequence[str] = SCHEDULE_NAMES, memory: Optional[MemoryByMode] = None,
                   memory_limit: Optional[float] = None, update_time: Optional[float] = None,
-                  progress: Optional[Callable[[str], None]] = None) -> SearchResult:
-    """The schedule-exact search, over the micro-batch sizes the profile can time."""
+                  progress: Optional[Callable[[str], None]] = None,
+                  recompute_modes: Sequence[str] = ("none",)) -> SearchResult:
+    """The schedule-exact search under every mode of ``recompute_modes`` (``memory``: one model per
+    mode, ``memory_by_mode``), over the micro-batch sizes the profile can time."""
     if memory_limit is not None and memory is None:
         raise ValueError("the latency model records no saved bytes per token: re-profile (seqpipe-plan profile) to "
                          "plan under a memory limit")
-    sizes = [m for m in range(1, batch_size + 1) if batch_size % m == 0 and m <= max(found.model.batch_sizes)]
     return search(cost_model(found, stages, update_time), batch_size, seq_len, granularity, schedules, memory,
-                  memory_limit, micro_batch_sizes=sizes, progress=progress)
+                  memory_limit, micro_batch_sizes=timed_micro_batches(found, batch_size), progress=progress,
+                  recompute_modes=recompute_modes)
+
+
+def budget_plans(found: ModelFile, stages: int, batch_size: int, memory_limit: Optional[float],
+                 num_model_layers: Optional[int] = None, recompute_modes: Sequence[str] = RECOMPUTE_MODES,
+                 schedules: Sequence[str] = SCHEDULE_NAMES, precision: Optional[str] = None, zero_stage: int = 0,
+                 dp: int = 1, progress: Optional[Callable[[str], None]] = None) -> Tuple[Candidate, Candidate]:
+    """(stock DeepSpeed's, seqpipe's) fastest configuration predicted to fit ``memory_limit`` per stage
+    at the profiled sequence length and granularity: stock chooses the micro-batch size and the
+    recomputation of unsliced 1F1B (``search.stock_candidates``), seqpipe also the schedule and the
+    slicing (``search.search``). Each raises ``search.NoFit`` (naming its smallest peak) when nothing
+    of that side fits; ValueError when the profile measured no saved bytes for some mode."""
+    config = found.config
+    seq_len, granularity = config["seq_length"], config["granularity"]
+    memory = memory_by_mode(found, stages, seq_len, recompute_modes, num_model_layers, precision, zero_stage, dp)
+    if memory is None and memory_limit is not None:
+        raise ValueError("the latency model records no saved bytes per token: re-profile (seqpipe-plan profile) to "
+                         "plan under a memory limit")
+    if memory is not None:
+        memory[recompute_modes[0]].check_limit(memory_limit)  # model states alone: the same in every mode
+    stock = stock_candidates(cost_model(found, stages), memory, batch_size, seq_len, recompute_modes,
+                             timed_micro_batches(found, batch_size))
+    seqpipe = makespan_plan(found, stages, batch_size, seq_len, granularity, schedules, memory, memory_limit,
+                            progress=progress, recompute_modes=recompute_modes)
+    return fastest_fitting(stock, memory_limit), seqpipe.best
+
+
+def timed_micro_batches(found: ModelFile, batch_size: int) -> List[int]:
+    """The micro-batch sizes dividing ``batch_size`` that the profile measured up to."""
+    return [m for m in divisors(batch_size) if m <= max(found.model.batch_sizes)]
 
 
 def dp_plan(costs: CostModel, batch_size: int, seq_len: int, granularity: int,
@@ -97,7 +153,7 @@ def entry(model: Dict, tp: int, pp: int, dp: int, plan: Candidate, global_batch_
                      batch_slices=list(plan.plan.batch_slices), input_slices=[list(s) for s in plan.plan.seq_slices],
                      latency=plan.makespan, global_batch_size=global_batch_size, device=device,
                      schedule=None if dp_objective else plan.schedule, predicted_peak_bytes=plan.peak_bytes,
-                     micro_batches=plan.micro_batches)
+                     micro_batches=plan.micro_batches, recompute=plan.recompute)
 
 
 def entry_plan(entry: PlanEntry) -> SlicePlan:
@@ -106,10 +162,10 @@ def entry_plan(entry: PlanEntry) -> SlicePlan:
 
 def simulate_entry(found: ModelFile, entry: PlanEntry, schedule: Optional[str] = None,
                    micro_batches: Optional[int] = None) -> SimResult:
-    """The step a plan-file entry's latency records: its schedule and micro-batches with every
-    stage's costs, or for an entry without a schedule (TeraPipe's DP, legacy files) the DP's
-    objective on the terapipe order. ``schedule`` / ``micro_batches`` simulate it otherwise."""
-    costs = cost_model(found, entry.pp, identical=entry.schedule is None)
+    """The step a plan-file entry's latency records: its schedule, micro-batches and recomputation
+    with every stage's costs, or for an entry without a schedule (TeraPipe's DP, legacy files) the
+    DP's objective on the terapipe order. ``schedule`` / ``micro_batches`` simulate it otherwise."""
+    costs = cost_model(found, entry.pp, identical=entry.schedule is None, recompute=entry.recompute)
     return costs.simulate(schedule or entry.schedule or "terapipe", micro_batches or entry.micro_batches,
                           entry_plan(entry))
 

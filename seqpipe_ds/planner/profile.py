@@ -18,6 +18,13 @@ first predicted by a fit of the earlier ones, until a round is predicted within 
 own repeats counts as predicted: more points would fit the noise, not the model. The errors seen
 are kept in the profile (``adaptive``).
 
+Activation recomputation (``recompute.RECOMPUTE_MODES``; ``recompute_modes``, by default selective
+and full): each mode's stage (the same weights) is timed beside the plain one at a few points of
+batch 1, round robin (``recompute_rows``: half and the whole sequence without context, half after
+half), which the fit turns into the rerun's cost as a multiple of the forward; and every mode's
+bytes are metered (``activation_bytes``: kept per token, the transient of a backward, a cached
+token's K/V).
+
 Run in an initialised process group (``bind_device()``, then ``seqpipe_ds.parallel.initialize(tp)``
 with a timeout longer than the profile): the TP group of rank 0 measures the stage together,
 other ranks wait. p2p is a ping-pong between ranks 0 and 1
@@ -42,6 +49,7 @@ from ..memory import SavedTensorMeter
 from ..model import GPTConfig, TransformerLayer
 from ..model.layers import FINAL_NORMS, EmbeddingPipe, GPTLoss, OutputLayer, lm_head
 from ..model.presets import options
+from .recompute import RECOMPUTE_MODES, granularity
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Point = Tuple[int, int, int]  # (b, l, c)
@@ -69,6 +77,7 @@ class ProfileSpec:
     adaptive: bool = False  # measure only where the fit is not yet within `tolerance` (see the module docstring)
     tolerance: float = 0.03
     stage_ends: bool = True  # also time and meter the embedding (first stage) and the head + loss (last stage)
+    recompute_modes: Tuple[str, ...] = ("selective", "full")  # recomputation modes to time and meter besides none
 
     def __post_init__(self):
         if self.seq_length % self.granularity:
@@ -79,6 +88,10 @@ class ProfileSpec:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance must be a fraction in (0, 1), got {self.tolerance}")
+        unknown = [m for m in self.recompute_modes if m not in RECOMPUTE_MODES[1:]]
+        if unknown:
+            raise ValueError(f"recompute modes {unknown}: choose from {', '.join(RECOMPUTE_MODES[1:])} (none is "
+                             "always measured)")
 
     @property
     def dtype_bytes(self) -> int:
@@ -126,11 +139,13 @@ def bind_device() -> None:
 
 class _Bench:
     """Times points round robin over the repeats (a machine whose load drifts then skews every
-    point's median alike instead of a few points a lot), with one shared progress bar."""
+    point's median alike instead of a few points a lot), with one shared progress bar. A point is
+    a tuple named by ``fields`` in its row."""
 
-    def __init__(self, spec: ProfileSpec, time_point: Callable[[Point], Tuple[float, float]], bar: tqdm):
-        self.spec, self.time_point, self.bar = spec, time_point, bar
-        self.rows: Dict[Point, Dict] = {}
+    def __init__(self, spec: ProfileSpec, time_point: Callable[[Tuple], Tuple[float, float]], bar: tqdm,
+                 fields: Tuple[str, ...] = ("b", "l", "c")):
+        self.spec, self.time_point, self.bar, self.fields = spec, time_point, bar, fields
+        self.rows: Dict[Tuple, Dict] = {}
 
     def measure(self, points: List[Point], phase: str) -> None:
         points = [p for p in dict.fromkeys(points) if p not in self.rows]
@@ -145,9 +160,9 @@ class _Bench:
                 if run >= self.spec.warmup:
                     samples[point].append(elapsed)
                 self.bar.update()
-        for (b, l, c), times in samples.items():
-            self.rows[b, l, c] = {"b": b, "l": l, "c": c, "time": statistics.median(t for t, _ in times),
-                                  "forward": statistics.median(f for _, f in times), "samples": [t for t, _ in times]}
+        for point, times in samples.items():
+            self.rows[point] = {**dict(zip(self.fields, point)), "time": statistics.median(t for t, _ in times),
+                                "forward": statistics.median(f for _, f in times), "samples": [t for t, _ in times]}
 
     def time(self, point: Point) -> float:
         return self.rows[point]["time"]
@@ -179,9 +194,14 @@ def run_profile(spec: ProfileSpec, progress: bool = True) -> Dict:
             else:
                 bench.measure(slice_points(spec), "slices")
             profile["compute"] = list(bench.rows.values())
+            stages = {"none": stage, **{mode: stage_modules(spec, device, mode)[0] for mode in spec.recompute_modes}}
+            if spec.recompute_modes:
+                profile["recompute"] = recompute_rows(spec, stages, device, sync, bar)
             if ends is not None:
                 profile["stage_ends"] = ends.profile(spec, sync, bar)
-                profile["saved_bytes_per_token"] = saved_bytes_per_token(stage, ends, spec.seq_length)
+                profile["recompute_bytes"] = {mode: activation_bytes(layers, ends, spec.seq_length)
+                                              for mode, layers in stages.items()}
+                profile["saved_bytes_per_token"] = profile["recompute_bytes"]["none"]["kept"]
             bar.set_description("profile: optimizer step")
             params = list(stage.parameters()) + (list(ends.parameters()) if ends is not None else [])
             profile["optimizer_step"] = _time_optimizer(params, spec, sync)
@@ -192,15 +212,36 @@ def run_profile(spec: ProfileSpec, progress: bool = True) -> Dict:
     return profile
 
 
-def stage_modules(spec: ProfileSpec, device) -> Tuple[torch.nn.Module, "StageEnds"]:
-    """One stage's transformer layers, and the ends the first and last stages add (TP from parallel_state)."""
+def stage_modules(spec: ProfileSpec, device, recompute: str = "none") -> Tuple[torch.nn.Module, "StageEnds"]:
+    """One stage's transformer layers under recomputation ``recompute`` (the same weights for every
+    mode), and the ends the first and last stages add (TP from parallel_state)."""
     torch.manual_seed(spec.seed)
     config = GPTConfig(num_layers=spec.num_layers, hidden_size=spec.hidden_size,
                        num_attention_heads=spec.num_attention_heads, vocab_size=spec.vocab_size,
                        max_position_embeddings=spec.seq_length, params_dtype=DTYPES[spec.dtype],
+                       recompute_granularity=granularity(recompute),
                        **(options(spec.model_preset) if spec.model_preset else {}))
     stage = torch.nn.Sequential(*[TransformerLayer(config, i) for i in range(spec.num_layers)]).to(device)
     return stage, StageEnds(config, device)
+
+
+def recompute_points(spec: ProfileSpec) -> List[Point]:
+    """Where recomputation is timed: batch 1, half and the whole sequence without context, and half
+    after half (the rerun's share of a slice is what the fit needs, not a table of it)."""
+    g, units = spec.granularity, spec.seq_length // spec.granularity
+    half = g * max(1, units // 2)
+    return list(dict.fromkeys([(1, half, 0), (1, spec.seq_length, 0)]
+                              + ([(1, spec.seq_length - half, half)] if units > 1 else [])))
+
+
+def recompute_rows(spec: ProfileSpec, stages: Dict[str, torch.nn.Module], device, sync: Callable,
+                   bar: tqdm) -> List[Dict]:
+    """Each mode's stage (``stages``, "none" among them) timed at ``recompute_points``, all modes
+    round robin so that a drifting machine skews them alike; rows carry their mode."""
+    bench = _Bench(spec, lambda p: _time_slice(stages[p[0]], *p[1:], spec, device, sync), bar,
+                   fields=("recompute", "b", "l", "c"))
+    bench.measure([(mode, *point) for point in recompute_points(spec) for mode in stages], "recomputation")
+    return list(bench.rows.values())
 
 
 def _adaptive(spec: ProfileSpec, bench: _Bench) -> Dict:
@@ -307,18 +348,54 @@ class StageEnds(torch.nn.Module):
 def saved_bytes_per_token(stage, ends: StageEnds, seq_length: int) -> Dict[str, float]:
     """Bytes saved for backward per token of one whole sequence, on a first, middle and last stage
     (the memory model's activation input; ``memory.SavedTensorMeter`` counts them)."""
+    return activation_bytes(stage, ends, seq_length)["kept"]
+
+
+def activation_bytes(stage, ends: StageEnds, seq_length: int) -> Dict:
+    """What ``SavedTensorMeter`` counts for the stage's recomputation mode, per token
+    (``memory_model.MemoryModel``'s inputs), on one whole sequence run as a slice of the KV cache as
+    the engine runs it:
+
+    * ``kept`` (first / middle / last stage): saved after the forward;
+    * ``transient`` (per stage kind): how far the backward's peak rises above that (a recomputed
+      layer's own activations while its rerun is backwarded);
+    * ``context``: the middle stage's sequence run as two halves, what the second half's backward
+      rises further per token of the first: the cached K/V of the rerun layer, saved only by the
+      rerun (a layer recomputed whole ran its first forward without autograd).
+    """
     tokens, positions, hidden = ends.inputs(1, seq_length)
     parameters = list(stage.parameters()) + list(ends.parameters())
     runs = {"first": lambda: stage(ends.first(tokens, positions)), "middle": lambda: stage(hidden),
             "last": lambda: ends.last(stage(hidden), tokens)}
-    result = {}
+    kept, transient = {}, {}
     for kind, run in runs.items():
         meter = SavedTensorMeter(parameters)
         with meter.hooks():
-            out = run()
+            forward = _metered_backward(meter, [seq_length], lambda x: run())
+        kept[kind], transient[kind] = forward / seq_length, (meter.peak - forward) / seq_length
+    half = seq_length // 2
+    meter = SavedTensorMeter(parameters)
+    with meter.hooks():
+        forward = _metered_backward(meter, [seq_length - half, half], stage, hidden)
+    context = (meter.peak - forward - half * transient["middle"]) / (seq_length - half)
+    return {"kept": kept, "transient": transient, "context": max(0.0, context)}
+
+
+def _metered_backward(meter: SavedTensorMeter, lengths: List[int], run: Callable, hidden=None) -> int:
+    """Runs ``run`` on slices of ``lengths`` tokens of ``hidden`` in one KV cache, then their backwards
+    (last first, as a schedule does); returns the meter's peak after the forwards."""
+    cache, outputs, start = KVCache(), [], 0
+    for index, length in enumerate(lengths):
+        with cache.slice(index):
+            outputs.append(run(None if hidden is None else hidden[:, start:start + length]))
+        start += length
+    forward = meter.peak
+    for index in reversed(range(len(lengths))):
+        out = outputs.pop()
+        torch.autograd.backward(*cache.backward_args(index, [out], [torch.ones_like(out)]))
+        cache.release(index)
         del out
-        result[kind] = meter.peak / seq_length
-    return result
+    return forward
 
 
 def measure_p2p(sizes: List[int], warmup: int, repeats: int, device: torch.device,

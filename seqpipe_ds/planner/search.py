@@ -22,14 +22,15 @@ memory limit; the fastest fitting candidate wins, and when none fits the error n
 peak found.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..schedules import SCHEDULES
-from ..slicing import SlicePlan, even_split
+from ..slicing import SlicePlan, even_split, make_plan
 from .costs import Candidate, CostModel, contexts
 from .memory_model import MemoryModel, format_bytes
+from .recompute import RECOMPUTE_MODES, check_mode
 from .solve import solve
 
 SCHEDULE_NAMES = tuple(SCHEDULES)  # every registered schedule
@@ -128,58 +129,124 @@ def neighbours(plan: SlicePlan, granularity: int) -> Iterable[SlicePlan]:
             yield SlicePlan(plan.batch_slices, plan.seq_slices[:i] + (option,) + plan.seq_slices[i + 1:])
 
 
+MemoryByMode = Union[MemoryModel, Mapping[str, MemoryModel]]
+
+
 def search(costs: CostModel, batch_size: int, seq_len: int, granularity: int,
-           schedules: Sequence[str] = SCHEDULE_NAMES, memory: Optional[MemoryModel] = None,
+           schedules: Sequence[str] = SCHEDULE_NAMES, memory: Optional[MemoryByMode] = None,
            memory_limit: Optional[float] = None, micro_batch_sizes: Optional[Sequence[int]] = None,
-           local_moves: bool = True, progress: Optional[Callable[[str], None]] = None) -> SearchResult:
+           local_moves: bool = True, progress: Optional[Callable[[str], None]] = None,
+           recompute_modes: Sequence[str] = ("none",)) -> SearchResult:
     """The candidate with the least simulated makespan whose every stage fits ``memory_limit``.
 
-    ``batch_size``: sequences per step on one pipeline (per data-parallel replica). Raises
-    ValueError for bad input, or when no candidate fits (naming the smallest peak found)."""
-    _check(costs, batch_size, seq_len, granularity, schedules, memory, memory_limit)
-    sizes = list(micro_batch_sizes or [m for m in range(1, batch_size + 1) if batch_size % m == 0])
+    ``batch_size``: sequences per step on one pipeline (per data-parallel replica). Every
+    recomputation mode of ``recompute_modes`` is searched (one mode for all stages: the model has one
+    GPTConfig), priced by ``costs.with_recompute(mode)`` and ``memory`` (one MemoryModel for one
+    mode, or a mapping from each mode to its own). Raises ValueError for bad input, or NoFit
+    when no candidate fits (naming the smallest peak found and its mode)."""
+    memories = _memory_by_mode(memory, recompute_modes)
+    for mode in recompute_modes:
+        _check(costs.with_recompute(mode), batch_size, seq_len, granularity, schedules, memories[mode], memory_limit)
+    sizes = list(micro_batch_sizes or divisors(batch_size))
     if any(m < 1 or batch_size % m for m in sizes):
         raise ValueError(f"micro-batch sizes {sizes} must divide the batch of {batch_size}")
-
-    def fits(c: Candidate) -> bool:
-        return memory_limit is None or c.peak <= memory_limit
-
-    def rank(c: Candidate):  # fitting first, then faster; among non-fitting, smaller peak
-        return (0, c.makespan) if fits(c) else (1, c.peak)
-
+    rank = _ranking(memory_limit)
     seen: Dict[Tuple, Candidate] = {}
+    for mode in recompute_modes:
+        priced = costs.with_recompute(mode)
 
-    def score(schedule, micro_batches, plan, source):
-        key = (schedule, micro_batches, plan)
-        if key not in seen:
-            try:
-                seen[key] = costs.predict(schedule, micro_batches, plan, memory, source)
-            except ValueError:  # a schedule that cannot run it (ScheduleError), or a slice the model cannot time
-                return None
-        return seen[key]
+        def score(schedule, micro_batches, plan, source, priced=priced, memory=memories[mode]):
+            key = (priced.recompute, schedule, micro_batches, plan)
+            if key not in seen:
+                try:
+                    seen[key] = priced.predict(schedule, micro_batches, plan, memory, source)
+                except ValueError:  # a schedule that cannot run it (ScheduleError), or a slice the model cannot time
+                    return None
+            return seen[key]
 
-    for micro_batch in sizes:
-        grid = costs.bottleneck_grid(micro_batch, seq_len, granularity)
-        seeds = _seeds(costs, micro_batch, seq_len, granularity, grid)
-        for schedule in schedules:
-            if progress:
-                progress(f"{schedule}, micro-batches of {micro_batch}: {len(seeds)} seeds")
-            scored = [c for c in (score(schedule, batch_size // micro_batch, p, s) for p, s in seeds.items()) if c]
-            if not local_moves:
-                continue
-            for start in sorted(scored, key=rank)[:_CLIMB_STARTS]:
-                _climb(start, granularity, score, rank)
-    ranked = sorted(seen.values(), key=rank)
-    if not ranked:
+        for micro_batch in sizes:
+            grid = priced.bottleneck_grid(micro_batch, seq_len, granularity)
+            seeds = _seeds(priced, micro_batch, seq_len, granularity, grid)
+            for schedule in schedules:
+                if progress:
+                    progress(f"{schedule}, recompute {mode}, micro-batches of {micro_batch}: {len(seeds)} seeds")
+                scored = [c for c in (score(schedule, batch_size // micro_batch, p, s) for p, s in seeds.items()) if c]
+                if not local_moves:
+                    continue
+                for start in sorted(scored, key=rank)[:_CLIMB_STARTS]:
+                    _climb(start, granularity, score, rank)
+    if not seen:
         raise ValueError("no candidate slicing could be scheduled")
-    smallest = min(ranked, key=lambda c: c.peak)
-    fitting = [c for c in ranked if fits(c)]
-    if not fitting:
-        raise NoFit(f"no plan fits the memory limit of {format_bytes(memory_limit)} per stage: the smallest "
-                    f"peak found is {format_bytes(smallest.peak)} ({smallest.describe()}; model states "
-                    f"{format_bytes(max(memory.static_bytes))})", smallest)
-    return SearchResult(best=fitting[0], evaluated=len(seen), smallest_peak=smallest, fitting=len(fitting),
-                        candidates=fitting)
+    ranked = sorted(seen.values(), key=rank)
+    best = fastest_fitting(ranked, memory_limit)
+    fitting = [c for c in ranked if _fits(c, memory_limit)]
+    return SearchResult(best=best, evaluated=len(seen), smallest_peak=min(ranked, key=lambda c: c.peak),
+                        fitting=len(fitting), candidates=fitting)
+
+
+def stock_candidates(costs: CostModel, memory: Optional[MemoryByMode], batch_size: int, seq_len: int,
+                     recompute_modes: Sequence[str] = ("none",),
+                     micro_batch_sizes: Optional[Sequence[int]] = None) -> List[Candidate]:
+    """What stock DeepSpeed can run: unsliced 1F1B (slice-1f1b with one slice per micro-batch) at every
+    micro-batch size dividing the batch (or ``micro_batch_sizes``), under every mode of
+    ``recompute_modes``, with stock's memory (no KV cache: ``MemoryModel.without_cache``); the ones
+    the model cannot time are left out. Fastest first; ``fastest_fitting`` picks under a limit."""
+    memories = _memory_by_mode(memory, recompute_modes)
+    found = []
+    for mode in recompute_modes:
+        priced, stock_memory = costs.with_recompute(mode), memories[mode] and memories[mode].without_cache()
+        for m in micro_batch_sizes or divisors(batch_size):
+            try:
+                found.append(priced.predict("slice-1f1b", batch_size // m, make_plan(1, 1, m, seq_len), stock_memory,
+                                            source="stock 1F1B"))
+            except ValueError:  # beyond the profiled batch sizes
+                continue
+    return sorted(found, key=lambda c: c.makespan)
+
+
+def fastest_fitting(candidates: Sequence[Candidate], memory_limit: Optional[float]) -> Candidate:
+    """The fastest of ``candidates`` whose every stage's peak is within ``memory_limit`` (None: any);
+    NoFit naming the smallest peak (with its recomputation mode) when none fits."""
+    if not candidates:
+        raise ValueError("no candidate to choose from")
+    fitting = [c for c in candidates if _fits(c, memory_limit)]
+    if fitting:
+        return min(fitting, key=lambda c: c.makespan)
+    smallest = min(candidates, key=lambda c: c.peak)
+    raise NoFit(f"no plan fits the memory limit of {format_bytes(memory_limit)} per stage: the smallest peak found is "
+                f"{format_bytes(smallest.peak)} with recompute {smallest.recompute} ({smallest.describe()})", smallest)
+
+
+def divisors(batch_size: int) -> List[int]:
+    """The micro-batch sizes that split a batch evenly."""
+    return [m for m in range(1, batch_size + 1) if batch_size % m == 0]
+
+
+def _fits(candidate: Candidate, memory_limit: Optional[float]) -> bool:
+    return memory_limit is None or candidate.peak <= memory_limit
+
+
+def _ranking(memory_limit: Optional[float]):
+    """Fitting candidates first, faster first; then the rest, smaller peak first."""
+    return lambda c: (0, c.makespan) if _fits(c, memory_limit) else (1, c.peak)
+
+
+def _memory_by_mode(memory: Optional[MemoryByMode], modes: Sequence[str]) -> Dict[str, Optional[MemoryModel]]:
+    """Each mode's memory model: one model serves the mode it is for."""
+    if not modes:
+        raise ValueError(f"no recompute mode asked for: choose from {', '.join(RECOMPUTE_MODES)}")
+    for mode in modes:
+        check_mode(mode)
+    if memory is None or isinstance(memory, MemoryModel):
+        wrong = [m for m in modes if memory is not None and m != memory.recompute]
+        if wrong:
+            raise ValueError(f"a memory model for recompute {memory.recompute!r} cannot price {', '.join(wrong)}: "
+                             "give one memory model per mode")
+        return {mode: memory for mode in modes}
+    missing = [m for m in modes if m not in memory]
+    if missing:
+        raise ValueError(f"no memory model for recompute {', '.join(missing)}")
+    return {mode: memory[mode] for mode in modes}
 
 
 def _climb(start: Candidate, granularity: int, score, rank) -> Candidate:
