@@ -118,7 +118,7 @@ def measure(seq: int, counts: List[int], repeats: int, mean: float = 512) -> dic
 def table(results: dict) -> str:
     lines = [f"attention of one stage ({LAYERS} layers, {HEADS} heads x {HEAD_DIM}, batch 1, fp32, "
              f"{torch.get_num_threads()} thread(s)), forward + backward, best of the repetitions; document "
-             "lengths log-normal (sigma 1), drawn mean 512 tokens",
+             "lengths log-normal (distribution mean 512, sigma 1), the last one cut at the sequence end",
              f"{'seq':>5}  {'variant':<16} {'seconds':>8} {'pairs (M)':>10} {'skipped':>8} {'x causal':>9} "
              f"{'x dense':>8}"]
     for seq, r in results.items():
