@@ -19,6 +19,9 @@ kernels compute. Causal blocks count n(n + 1)/2, full blocks n_q x n_k, the dens
 
 Usage: python benchmarks/bench_documents.py [--seqs 4096 8192] [--slices 1 4 8] [--repeats 3]
            [--out benchmarks/results/documents_cpu]     (writes OUT.txt and OUT.json)
+       python benchmarks/bench_documents.py --corpus PREFIX [--documents N]
+           (instead: writes a Megatron .bin/.idx corpus of N such documents, byte-level tokens, for the
+           end-to-end runs of benchmarks/bench_documents_e2e.sh)
 """
 import argparse
 import json
@@ -31,20 +34,33 @@ import torch
 HEADS, HEAD_DIM, LAYERS = 8, 64, 2
 
 
-def document_lengths(seq: int, mean: float = 512, sigma: float = 1.0, seed: int = 0) -> List[int]:
-    """Log-normal document lengths (at least 1 token) with the given mean, packed up to ``seq`` tokens."""
-    g = torch.Generator().manual_seed(seed)
+def lognormal(g: torch.Generator, mean: float = 512, sigma: float = 1.0) -> int:
+    """One document length (at least 1 token), log-normal with the given mean."""
     mu = math.log(mean) - sigma ** 2 / 2  # the mean of a log-normal is exp(mu + sigma^2 / 2)
+    return max(1, round(math.exp(mu + sigma * torch.randn(1, generator=g).item())))
+
+
+def document_lengths(seq: int, mean: float = 512, seed: int = 0) -> List[int]:
+    """Log-normal document lengths packed up to ``seq`` tokens (the last one cut at the end)."""
+    g = torch.Generator().manual_seed(seed)
     lengths = []
     while sum(lengths) < seq:
-        draw = math.exp(mu + sigma * torch.randn(1, generator=g).item())
-        lengths.append(max(1, min(round(draw), seq - sum(lengths))))
+        lengths.append(min(lognormal(g, mean), seq - sum(lengths)))
     return lengths
 
 
 def starts_of(lengths: List[int]) -> torch.Tensor:
     """[1, seq] each token's document start, as ``seqpipe_ds.data.document_starts`` gives it."""
     return torch.cat([torch.full((n,), sum(lengths[:i])) for i, n in enumerate(lengths)])[None]
+
+
+def write_corpus(prefix: str, count: int, mean: float = 512, seed: int = 0) -> None:
+    """``count`` documents of random lowercase letters with log-normal token counts (the EOD included)."""
+    from seqpipe_ds.data import ByteTokenizer, write_indexed_dataset
+    g = torch.Generator().manual_seed(seed)
+    docs = ["".join(chr(97 + c) for c in torch.randint(0, 26, (lognormal(g, mean) - 1,), generator=g).tolist())
+            for _ in range(count)]
+    write_indexed_dataset(docs, ByteTokenizer(), prefix)
 
 
 def uniform(seq: int, k: int) -> List[int]:
@@ -137,7 +153,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="writes OUT.txt and OUT.json")
+    parser.add_argument("--corpus", default=None, help="only write a corpus of such documents to this prefix")
+    parser.add_argument("--documents", type=int, default=3000, help="documents in --corpus")
     args = parser.parse_args()
+    if args.corpus:
+        write_corpus(args.corpus, args.documents)
+        return
     torch.set_num_threads(args.threads)
     results = {seq: measure(seq, args.slices, args.repeats) for seq in args.seqs}
     text = table(results)
