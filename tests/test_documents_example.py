@@ -64,9 +64,10 @@ def _short_documents(path):
 @pytest.mark.timeout(900)
 def test_packed_documents_train_the_same_curve_in_every_layout(tmp_path):
     """--data-path with short documents and the three flags: seqpipe (slices cutting documents), stock
-    pipelining (documents carried to its second stage) and one process give one loss curve, and it is
-    not the curve without the flags; the embedded corpus trains with the flags too."""
-    data = ["--data-path", _short_documents(tmp_path), "--split", "1,0,0", "--eval-iters", "0"]
+    pipelining (documents carried to its second stage) and one process give one training and
+    validation loss curve, and it is not the curve without the flags; the embedded corpus trains with
+    the flags too."""
+    data = ["--data-path", _short_documents(tmp_path), "--split", "9,1,0", "--eval-iters", "1"]
     sliced, out = train(tmp_path, "docs-seqpipe", SEQPIPE, [*FLAGS, *data])
     stock, _ = train(tmp_path, "docs-stock", extra=[*FLAGS, *data])
     single, _ = train(tmp_path, "docs-single", extra=[*FLAGS, *data], layout=ONE_PROCESS, processes=1)
@@ -74,6 +75,8 @@ def test_packed_documents_train_the_same_curve_in_every_layout(tmp_path):
     assert "engine: SeqPipeEngine" in out and sorted(stock["loss"]) == [1, 2, 3, 4]
     assert_same_curve(sliced["loss"], stock["loss"], "packed documents: seqpipe vs stock DeepSpeed")
     assert_same_curve(sliced["loss"], single["loss"], "packed documents: seqpipe vs one process")
+    for name, run in (("stock DeepSpeed", stock), ("one process", single)):
+        assert_same_curve(sliced["valid_loss"], run["valid_loss"], f"packed documents: validation vs {name}")
     assert max(abs(plain["loss"][i] - single["loss"][i]) for i in single["loss"]) > 1e-3
     embedded, _ = train(tmp_path, "docs-embedded", SEQPIPE, [*FLAGS, "--eval-iters", "0"])
     assert sorted(embedded["loss"]) == [1, 2, 3, 4]
