@@ -83,8 +83,15 @@ def test_profile_tiny_model_with_tp2_and_p2p(tmp_path):
     assert all(r["time"] > 0 and len(r["samples"]) == 2 for r in profile["compute"])
     assert [r["bytes"] for r in profile["p2p"]] == [1024, 65536] and all(r["time"] > 0 for r in profile["p2p"])
     assert profile["optimizer_step"] > 0
+    # Every recomputation mode beside the plain stage at half and the whole sequence, and half after half.
+    assert sorted((r["recompute"], r["l"], r["c"]) for r in profile["recompute"]) == sorted(
+        (mode, l, c) for mode in ("none", "selective", "full") for l, c in ((16, 0), (32, 0), (16, 16)))
+    assert set(profile["recompute_bytes"]) == {"none", "selective", "full"}
+    full = profile["recompute_bytes"]["full"]
+    assert full["kept"]["middle"] < profile["saved_bytes_per_token"]["middle"] and full["transient"]["middle"] > 0
     report = fit_profile(profile)  # real, noisy timings: the fit must run, not be accurate
     assert np.isfinite(report.model.grid(1, 32, 8)[1, 1:, 0]).all()
+    assert set(report.model.recompute_extra) == {"selective", "full"}
 
 
 @pytest.mark.timeout(120)

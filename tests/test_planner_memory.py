@@ -14,23 +14,31 @@ RUNS = [("terapipe", 2, 1, 1, 4), ("terapipe", 2, 1, [1, 1], [[64, 32, 16, 16], 
         ("slice-1f1b", 1, 4, 1, 4), ("slice-1f1b", 2, 2, 2, [48, 32, 32, 16])]
 
 
-def measure(runs):
-    """Per run: (stage, measured peak saved bytes, parameters on this stage); and this stage's
-    saved bytes per token as the profile measures them."""
+def measure(runs, modes=("none",)):
+    """Per recomputation mode: per run (stage, measured peak saved bytes, parameters on this stage),
+    and this stage's activation bytes as the profile meters them (``profile.activation_bytes``)."""
+    import torch
+
+    from seqpipe_ds import parallel
+    from seqpipe_ds.model import GPTConfig
+    from seqpipe_ds.planner.profile import ProfileSpec, activation_bytes, stage_modules
+    from seqpipe_ds.planner.recompute import granularity
+
+    topology = parallel.initialize(pipeline_parallel_size=2)
+    spec = ProfileSpec(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, seq_length=SEQ,
+                       micro_batch_size=1)
+    return {mode: (_measure_runs(runs, GPTConfig(**MODEL, recompute_granularity=granularity(mode)), topology),
+                   activation_bytes(*stage_modules(spec, torch.device("cpu"), mode), SEQ)) for mode in modes}
+
+
+def _measure_runs(runs, config, topology):
     import torch
     from deepspeed import comm as dist
 
     import seqpipe_ds
-    from seqpipe_ds import parallel
     from seqpipe_ds.memory import SavedTensorMeter
-    from seqpipe_ds.model import GPTConfig, gpt_pipeline
-    from seqpipe_ds.planner.profile import ProfileSpec, saved_bytes_per_token, stage_modules
+    from seqpipe_ds.model import gpt_pipeline
 
-    topology = parallel.initialize(pipeline_parallel_size=2)
-    config = GPTConfig(**MODEL)
-    spec = ProfileSpec(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=256, seq_length=SEQ,
-                       micro_batch_size=1)
-    per_token = saved_bytes_per_token(*stage_modules(spec, torch.device("cpu")), SEQ)
     results = []
     for schedule, mbs, gas, batch_slices, seq_slices in runs:
         model = gpt_pipeline(config, topology)
@@ -50,7 +58,7 @@ def measure(runs):
             engine.train_batch(data_iter=iter(batches))
         results.append((engine.stage_id, meter.peak, sum(p.numel() for p in engine.module.parameters())))
         dist.barrier()
-    return results, per_token
+    return results
 
 
 @pytest.mark.timeout(300)
@@ -58,8 +66,8 @@ def test_predicted_saved_bytes_within_10_percent_and_exact_parameter_counts():
     from seqpipe_ds.schedules import lower, simulate
     from seqpipe_ds.slicing import make_plan
 
-    ranks = launcher.run(measure, 2, timeout=280, runs=RUNS)
-    per_token = ranks[0][1]  # the profile's probe; both ranks measure the same modules
+    ranks = [rank["none"] for rank in launcher.run(measure, 2, timeout=280, runs=RUNS)]
+    per_token = ranks[0][1]["kept"]  # the profile's probe; both ranks measure the same modules
     assert per_token["last"] > per_token["middle"] > 0  # the LM head and loss keep the logits
     static = stage_parameters(MODEL, 2)
     for index, (schedule, mbs, gas, batch_slices, seq_slices) in enumerate(RUNS):

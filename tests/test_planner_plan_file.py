@@ -167,6 +167,23 @@ def test_schedule_and_peak_round_trip_and_bad_schedule(tmp_path):
         read_plans(str(path))
 
 
+def tiny_plan_file(tmp_path, input_slices, **fields) -> str:
+    """A plan file holding one plan of ``input_slices`` for ``common.tiny_config`` at sequence 16,
+    micro-batch 2, one stage (what ``hook_config`` runs)."""
+    from common import tiny_config
+    cfg = tiny_config()
+    model = {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")}
+    plan_path = str(tmp_path / "dp_results.json")
+    write_plan(plan_path, PlanEntry(model={**model, "seq_length": 16}, micro_batch_size=2, tp=1, pp=1, dp=1,
+                                    batch_slices=[2], input_slices=[input_slices], latency=1.0, **fields))
+    return plan_path
+
+
+def hook_config(plan_path, **seqpipe):
+    return {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2,
+            "seqpipe": {"enabled": True, "seq_length": 16, "plan": plan_path, **seqpipe}}
+
+
 def _resolve_with_plan(plan_path):
     """One process, one stage: the schedule the hook resolves, with and without the config naming one."""
     import seqpipe_ds
@@ -174,11 +191,9 @@ def _resolve_with_plan(plan_path):
     from seqpipe_ds import parallel
     from seqpipe_ds.model import gpt_pipeline
     model = gpt_pipeline(tiny_config(), parallel.initialize(pipeline_parallel_size=1))
-    config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2,
-              "seqpipe": {"enabled": True, "seq_length": 16, "plan": plan_path}}
-    plan, schedule = seqpipe_ds.resolve(config, model)
+    plan, schedule = seqpipe_ds.resolve(hook_config(plan_path), model)
     try:
-        seqpipe_ds.resolve({**config, "seqpipe": {**config["seqpipe"], "schedule": "terapipe"}}, model)
+        seqpipe_ds.resolve(hook_config(plan_path, schedule="terapipe"), model)
         conflict = "no error"
     except ValueError as e:
         conflict = str(e)
@@ -188,12 +203,7 @@ def _resolve_with_plan(plan_path):
 @pytest.mark.timeout(120)
 def test_hook_applies_the_planned_schedule(tmp_path):
     import launcher
-    from common import tiny_config
-    cfg = tiny_config()
-    model = {k: getattr(cfg, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")}
-    plan_path = str(tmp_path / "dp_results.json")
-    write_plan(plan_path, PlanEntry(model={**model, "seq_length": 16}, micro_batch_size=2, tp=1, pp=1, dp=1,
-                                    batch_slices=[2], input_slices=[[8, 4, 4]], latency=1.0, schedule="slice-1f1b"))
+    plan_path = tiny_plan_file(tmp_path, [8, 4, 4], schedule="slice-1f1b")
     lengths, schedule, conflict = launcher.run(_resolve_with_plan, 1, plan_path=plan_path)[0]
     assert lengths == [8, 4, 4] and schedule == "slice-1f1b"
     assert "was made for 'slice-1f1b'" in conflict

@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="schedule to plan for (auto: the faster); the plan file records it and the hook applies it")
     p.add_argument("--memory-limit", help="per-stage memory, e.g. 40GiB: parameters, gradients, optimizer states "
                                           "and saved activations at the schedule's peak must fit")
+    p.add_argument("--recompute", choices=[*RECOMPUTE_MODES, "auto"], default="none",
+                   help="activation recomputation of every stage to plan for (the model must be built with it: "
+                        "Megatron's --recompute-granularity); auto: every mode the profile measured, the fastest "
+                        "plan that fits wins")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="for the memory model (default: profiled)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1], default=0, help="for the memory model")
     p.add_argument("--seq-length", type=int, help="default: the profiled one")
@@ -203,15 +207,15 @@ def _solve(args) -> None:
     granularity = args.granularity or config["granularity"]
     if args.sequence_parallel:
         _check_sequence_parallel(config.get("tp", 1), granularity)
-    if args.objective == "dp" and (args.memory_limit or args.schedule != "auto"):
-        raise ValueError("--objective dp plans TeraPipe's objective only: --memory-limit and --schedule need "
-                         "--objective makespan")
+    if args.objective == "dp" and (args.memory_limit or args.schedule != "auto" or args.recompute == "auto"):
+        raise ValueError("--objective dp plans TeraPipe's objective only: --memory-limit, --schedule and --recompute "
+                         "auto need --objective makespan")
     start = time.perf_counter()
     if args.objective == "dp":
-        costs = planning.cost_model(found, args.num_stages, args.update_time, identical=True)
+        costs = planning.cost_model(found, args.num_stages, args.update_time, identical=True, recompute=args.recompute)
         best = planning.dp_plan(costs, batch, seq_len, granularity)
-        print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity} "
-              f"(TeraPipe's objective, solved in {time.perf_counter() - start:.3f} s)")
+        print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity}, recompute "
+              f"{args.recompute} (TeraPipe's objective, solved in {time.perf_counter() - start:.3f} s)")
         _print_slices(list(best.plan.batch_slices), [list(s) for s in best.plan.seq_slices])
         try:
             unsliced = costs.predict("terapipe", 1, make_plan(1, 1, batch, seq_len)).makespan
@@ -233,24 +237,27 @@ def _search(args, found, batch, seq_len, granularity, start):
     """The schedule-exact search under the memory limit; prints what it found."""
     from ..planner.memory_model import format_bytes, parse_bytes
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
-    memory = planning.stage_memory(found, args.num_stages, seq_len, args.num_model_layers, args.precision,
-                                   args.zero_stage, args.dp)
+    modes = planning.measured_modes(found) if args.recompute == "auto" else (args.recompute,)
+    memory = planning.memory_by_mode(found, args.num_stages, seq_len, modes, args.num_model_layers, args.precision,
+                                     args.zero_stage, args.dp)
     schedules = SCHEDULE_NAMES if args.schedule == "auto" else [args.schedule]
     result = planning.makespan_plan(found, args.num_stages, batch, seq_len, granularity, schedules, memory, limit,
-                                    args.update_time, progress=lambda what: print(f"  searching {what}", flush=True))
+                                    args.update_time, progress=lambda what: print(f"  searching {what}", flush=True),
+                                    recompute_modes=modes)
     best = result.best
     print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity}: "
           f"{result.evaluated} candidates simulated in {time.perf_counter() - start:.2f} s"
           + (f", {result.fitting} fit {format_bytes(limit)}" if limit else ""))
-    print(f"best: {best.schedule}, {best.micro_batches} micro-batch(es) of {best.micro_batch_size} "
-          f"(source: {best.source})")
+    print(f"best: {best.schedule}, recompute {best.recompute}, {best.micro_batches} micro-batch(es) of "
+          f"{best.micro_batch_size} (source: {best.source})")
     _print_slices(list(best.plan.batch_slices), [list(s) for s in best.plan.seq_slices])
     print(f"predicted iteration (simulated): {best.makespan:.6g} s")
     if best.peak_bytes:
         print("predicted peak per stage: " + ", ".join(format_bytes(b) for b in best.peak_bytes))
     try:  # the comparison the search must win
-        simulated = planning.dp_plan(planning.cost_model(found, args.num_stages, args.update_time), batch, seq_len,
-                                     granularity, schedules).makespan
+        simulated = planning.dp_plan(planning.cost_model(found, args.num_stages, args.update_time,
+                                                         recompute=best.recompute),
+                                     batch, seq_len, granularity, schedules).makespan
         print(f"TeraPipe's DP plan, simulated the same way: {simulated:.6g} s ({simulated / best.makespan:.3f}x)")
     except ValueError as e:
         print(f"TeraPipe's DP plan: not comparable here ({e})")
@@ -270,7 +277,8 @@ def _show(args) -> None:
     entry = entries[index]
     print(f"[{index}] {entry.describe()}")
     _print_slices(entry.batch_slices, entry.input_slices)
-    print(f"recorded latency: {entry.latency:.6g} s ({entry.micro_batches} micro-batch(es))")
+    print(f"recorded latency: {entry.latency:.6g} s ({entry.micro_batches} micro-batch(es), recompute "
+          f"{entry.recompute})")
     if not args.latency_model:
         if args.png:
             raise ValueError("--png needs --latency-model (the slice times come from it)")

@@ -34,8 +34,8 @@ def slices_from_plan(cfg, ds_config, model):
         schedule = entry.schedule
     built = getattr(model, "gpt_config", None)
     if built is not None and mode_of(built.recompute_granularity) != entry.recompute:
-        raise PlanFileError(f"seqpipe: the plan in {cfg.plan} was made for recompute {entry.recompute!r}, but the model "
-                            f"is built with recompute_granularity={built.recompute_granularity!r}: build it with "
+        raise PlanFileError(f"seqpipe: the plan in {cfg.plan} was made for recompute {entry.recompute!r}, but the "
+                            f"model is built with recompute_granularity={built.recompute_granularity!r}: build it with "
                             f"recompute_granularity={granularity(entry.recompute)!r} (Megatron's "
                             "--recompute-granularity) or solve for its own recomputation (seqpipe-plan solve "
                             f"--recompute {mode_of(built.recompute_granularity)})")

@@ -80,6 +80,15 @@ def stage_memory(found: ModelFile, stages: int, seq_len: int, num_model_layers: 
                                   recompute=recompute)
 
 
+def measured_modes(found: ModelFile) -> Tuple[str, ...]:
+    """The recomputation modes the model file can price: "none", and each mode whose time the
+    profile measured and, where it metered bytes at all, its bytes too."""
+    model = found.model
+    metered = bool(model.memory_per_token("none"))
+    return ("none",) + tuple(mode for mode in RECOMPUTE_MODES[1:]
+                             if mode in model.recompute_extra and (not metered or model.memory_per_token(mode)))
+
+
 def memory_by_mode(found: ModelFile, stages: int, seq_len: int, modes: Sequence[str],
                    num_model_layers: Optional[int] = None, precision: Optional[str] = None, zero_stage: int = 0,
                    dp: int = 1) -> Optional[Dict[str, MemoryModel]]:
@@ -105,15 +114,18 @@ def makespan_plan(found: ModelFile, stages: int, batch_size: int, seq_len: int, 
 
 
 def budget_plans(found: ModelFile, stages: int, batch_size: int, memory_limit: Optional[float],
-                 num_model_layers: Optional[int] = None, recompute_modes: Sequence[str] = RECOMPUTE_MODES,
+                 num_model_layers: Optional[int] = None, recompute_modes: Optional[Sequence[str]] = None,
                  schedules: Sequence[str] = SCHEDULE_NAMES, precision: Optional[str] = None, zero_stage: int = 0,
                  dp: int = 1, progress: Optional[Callable[[str], None]] = None) -> Tuple[Candidate, Candidate]:
     """(stock DeepSpeed's, seqpipe's) fastest configuration predicted to fit ``memory_limit`` per stage
     at the profiled sequence length and granularity: stock chooses the micro-batch size and the
     recomputation of unsliced 1F1B (``search.stock_candidates``), seqpipe also the schedule and the
-    slicing (``search.search``). Each raises ``search.NoFit`` (naming its smallest peak) when nothing
-    of that side fits; ValueError when the profile measured no saved bytes for some mode."""
+    slicing (``search.search``); both under every mode of ``recompute_modes`` (default: every mode
+    the profile measured, ``measured_modes``). Each raises ``search.NoFit`` (naming its smallest
+    peak) when nothing of that side fits; ValueError when the profile measured no saved bytes for
+    some mode."""
     config = found.config
+    recompute_modes = recompute_modes or measured_modes(found)
     seq_len, granularity = config["seq_length"], config["granularity"]
     memory = memory_by_mode(found, stages, seq_len, recompute_modes, num_model_layers, precision, zero_stage, dp)
     if memory is None and memory_limit is not None:
@@ -209,9 +221,9 @@ def variant_plan(variant: Mapping, stages: int, batch_size: int, seq_length: int
 
 
 def predict_run(found: Optional[ModelFile], stages: int, schedule: str, micro_batches: int, plan: SlicePlan,
-                saved_bytes_per_token: Sequence[float]) -> SimResult:
-    """The simulated step of what a bench variant runs (``variant_plan``), with every stage's costs
-    (nominal token costs without a model file), and per stage the peak saved bytes from the measured
-    bytes per token."""
-    costs = cost_model(found, stages).costs(plan) if found else None
+                saved_bytes_per_token: Sequence[float], recompute: str = "none") -> SimResult:
+    """The simulated step of what a bench variant runs (``variant_plan``) under recomputation
+    ``recompute``, with every stage's costs (nominal token costs without a model file), and per
+    stage the peak saved bytes from the measured bytes per token."""
+    costs = cost_model(found, stages, recompute=recompute).costs(plan) if found else None
     return simulate_plan(schedule, stages, micro_batches, plan, costs, saved_bytes_per_token)
