@@ -106,3 +106,16 @@ def test_bad_starts_are_an_error():
     q, k, v, _ = _tensors(1, 4, 2, 2, torch.float32)
     with pytest.raises(ValueError, match="cannot start after its token"):
         attend(q, k, v, None, 0, starts=torch.tensor([[0, 0, 3, 1]]))
+
+
+def test_slice_mask_is_the_rows_of_the_whole_mask():
+    """The dense mask of a slice at offset o (attention dropout's fallback over the concatenated K/V)
+    is rows o.. of the whole sequence's mask, which is causal within each document."""
+    tokens = _tokens([[5, 9, 3, 7], [1, 1, 3, 1, 1, 5, 12]])
+    starts = document_starts(tokens, EOD)
+    whole = document_mask(starts, 0, 24)
+    for offset, n in ((0, 6), (6, 7), (13, 11)):
+        assert torch.equal(document_mask(starts[:, offset:offset + n], offset, offset + n),
+                           whole[:, :, offset:offset + n, :offset + n])
+    first_doc = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert torch.equal(whole[0, 0, :5, :5], first_doc) and not whole[0, 0, 5:, :5].any()
