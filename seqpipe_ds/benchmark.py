@@ -9,7 +9,11 @@ memory model's input). Rank 0 writes the result JSON named in the spec.
 
 Spec: {"model": {GPTConfig fields}, "stages": K, "warmup": w, "repeats": r, "measure": bool, "out": path,
        "variants": {name: {"micro_batch_size": b, "gradient_accumulation": g,
-                           "seqpipe": seqpipe section, or null for stock DeepSpeed}}}
+                           "seqpipe": seqpipe section, or null for stock DeepSpeed,
+                           "recompute": optional GPTConfig.recompute_granularity (null: none)}}}
+
+With ``"measure"`` every stage also counts its model states (parameters, gradients and optimizer
+states, bytes of the tensors the engine holds after the measured step).
 """
 import json
 import sys
@@ -57,11 +61,11 @@ def _per_stage(engine, value):
 
 def run(spec):
     topology = parallel.initialize(pipeline_parallel_size=spec["stages"])
-    config = GPTConfig(**spec["model"])
     engines, batches = {}, {}
     if dist.get_rank() == 0:
         print(f"timing: building {len(spec['variants'])} engine(s)", flush=True)
     for name, variant in spec["variants"].items():
+        config = GPTConfig(**spec["model"], recompute_granularity=variant.get("recompute"))
         model = gpt_pipeline(config, topology)
         engines[name], *_ = seqpipe_ds.initialize(model=model, model_parameters=model.parameters(),
                                                   config=_ds_config(spec, variant))
@@ -94,7 +98,7 @@ def run(spec):
 
 def _measure(spec, engines, batches):
     """One iteration per variant with the saved-tensor meter (and slice timestamps); the per-token probe."""
-    saved, traces = {}, {}
+    saved, traces, states = {}, {}, {}
     for name, engine in tqdm(engines.items(), desc="timing: one measured iteration each", unit="variant",
                              disable=dist.get_rank() != 0):
         meter = SavedTensorMeter(engine.module.parameters())
@@ -106,6 +110,7 @@ def _measure(spec, engines, batches):
         with meter.hooks():
             engine.train_batch(data_iter=iter(batches[name]))
         saved[name] = _per_stage(engine, meter.peak)
+        states[name] = _per_stage(engine, _model_state_bytes(engine))
         if sliced:
             local = [[engine.stage_id, a.kind, *a.key, t0 - origin, t1 - origin] for a, t0, t1 in engine.slice_trace]
             engine.slice_trace = None
@@ -113,8 +118,19 @@ def _measure(spec, engines, batches):
             dist.all_gather_object(gathered, local)
             traces[name] = [row for rows in gathered for row in rows]
     engine, name = next(iter(engines.values())), next(iter(engines))
-    return {"saved_peak_bytes": saved, "trace": traces,
+    return {"saved_peak_bytes": saved, "trace": traces, "model_state_bytes": states,
             "saved_bytes_per_token": _per_stage(engine, _probe_bytes_per_token(engine, batches[name][0]))}
+
+
+def _model_state_bytes(engine):
+    """Bytes of this stage's parameters, their gradients (one per trainable parameter, of its size:
+    the optimizer's zero_grad frees them after the step) and the optimizer's state tensors, each
+    storage once, as the engine holds them after a step."""
+    parameters = list(engine.module.parameters())
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed's wrapper, or the optimizer
+    states = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in parameters + states}
+    return sum(storages.values()) + sum(p.numel() * p.element_size() for p in parameters if p.requires_grad)
 
 
 def _probe_bytes_per_token(engine, batch):

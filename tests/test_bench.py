@@ -11,20 +11,22 @@ import sys
 
 import pytest
 
+from seqpipe_ds.planner.recompute import RECOMPUTE_MODES
 from seqpipe_ds.schedules import SCHEDULES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(660)
 def test_bench_compares_stock_uniform_and_planned(tmp_path):
     png = tmp_path / "timeline.png"
     command = [sys.executable, "-m", "seqpipe_ds.cli.bench", "--num-layers", "2", "--hidden-size", "64",
                "--num-attention-heads", "4", "--seq-length", "128", "--granularity", "32", "--uniform", "2",
                "--profile-repeats", "1", "--warmup", "0", "--repeats", "2", "--timeout", "300",
+               "--memory-limit", "1.0x",
                "--out", str(tmp_path), "--png", str(png)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SEQPIPE_DIST_TIMEOUT_MIN": "3"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=640)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     seqpipe = [f"{s} {v}" for s in SCHEDULES for v in ("uniform 2", "planned")] + ["makespan planned"]
     for name in ("stock DeepSpeed", *seqpipe, "ideal (1 process / 2)"):
@@ -57,3 +59,13 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     assert "engine over profile, forward / backward: stage 0" in done.stdout
     for name in ("stock DeepSpeed", *seqpipe):
         assert rows[name]["profile_only_error"] is not None
+    # --memory-limit 1.0x (stock's own need): both sides' picks timed in the same run, with their peaks and what
+    # they gave up.
+    budget = result["budget"]
+    assert "stock's fastest configuration without recomputation is predicted to need" in done.stdout
+    for side in ("stock", "seqpipe"):
+        row = budget[side]
+        assert row["predicted_peak_mib"] <= budget["limit_mib"] + 1e-9 and row["recompute"] in RECOMPUTE_MODES
+        assert row["peak_mib"] > 0 and row["gave_up"] and row["s_per_iter"] > 0 and row["predicted_s"] > 0
+    assert "|" not in budget["stock"]["slicing"] and "x[128]" in budget["stock"]["slicing"]  # unsliced micro-batches
+    assert f"Within {budget['limit_mib']:.0f} MiB per stage" in done.stdout

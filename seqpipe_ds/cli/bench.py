@@ -36,12 +36,19 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..model.presets import PRESETS, fill_shape, options
+from ..planner.budget import budget, stock_need
 from ..planner.calibrate import calibrate, store
 from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
-from ..planner.planning import bench_plans, cost_model, pipeline_entry, predict_run, variant_plan
+from ..planner.memory_model import format_bytes, parse_bytes
+from ..planner.plan_file import write_plan
+from ..planner.planning import (bench_plans, cost_model, entry, model_fields, pipeline_entry, predict_run,
+                                variant_plan)
+from ..planner.recompute import granularity, mode_of
 from ..schedules import SCHEDULES, Action, Segment
 
 MIB = 2 ** 20
+# With --memory-limit: the two sides' picks, timed with the other variants and reported in a table of their own.
+BUDGET_VARIANTS = ("stock within the limit", "seqpipe within the limit")
 # The calibration run: slice counts of slice-1f1b on micro-batches of one sequence (1: stock's unsliced 1F1B).
 CALIBRATION_SLICES = (1, 4)
 
@@ -64,17 +71,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             setattr(args, name, full if args.full else default)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.memory_limit and args.plan:
+        raise SystemExit("--memory-limit plans both sides from this machine's profile: leave out --plan")
     plan_file, makespan_file, model_file = (args.plan, None, args.latency_model) if args.plan else _make_plan(args, out)
-    variants = _variants(args, plan_file, makespan_file)
+    limited = _budget(args, out, model_file) if args.memory_limit else None
+    variants = {**_variants(args, plan_file, makespan_file), **(_budget_variants(limited, out) if limited else {})}
     print(f"timing {', '.join(variants)} on {args.stages} stages, {args.warmup} warm-up + {args.repeats} "
           "alternating iterations each, then one measured iteration each", flush=True)
     timing = _launch(args, args.stages, variants, out / "timing", measure=True)
     print("timing the same work in one process (the bubble-free ideal)", flush=True)
     ideal = _launch(args, 1, {"single stage": _variant(args.batch_size, 1, None)}, out / "single")
     rows, predictions = _rows(args, variants, timing, ideal, model_file)
-    _print_table(args, rows, timing["device"])
+    budget_rows = {row["variant"]: row for row in rows if row["variant"] in BUDGET_VARIANTS}
+    _print_table(args, [row for row in rows if row["variant"] not in BUDGET_VARIANTS], timing["device"])
+    result = {"config": vars(args), "device": timing["device"], "rows": rows}
+    if limited:
+        result["budget"] = _print_budget(limited, budget_rows)
     with open(out / "bench.json", "w") as f:
-        json.dump({"config": vars(args), "device": timing["device"], "rows": rows}, f, indent=1)
+        json.dump(result, f, indent=1)
     if args.png:
         _draw_timelines(args, timing["trace"], predictions, args.png, with_prediction=model_file is not None)
     print(f"wrote {out / 'bench.json'}" + (f" and {args.png}" if args.png else ""))
@@ -106,6 +120,11 @@ def _parser():
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed for each launch")
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--memory-limit", metavar="SIZE",
+                   help="per stage, model states + activations (e.g. 200MiB, or 0.85x: that fraction of what stock's "
+                        "fastest configuration needs without recomputation): also time the fastest configuration "
+                        "each side is predicted to fit (stock: micro-batch size and recomputation of unsliced 1F1B; "
+                        "seqpipe: schedule, slicing, micro-batches and recomputation) and report what each gave up")
     p.add_argument("--png", help="write the measured and the predicted per-stage timeline of one variant here")
     p.add_argument("--png-variant", help="the variant drawn with --png (default: the last schedule's planned run)")
     return p
@@ -117,9 +136,38 @@ def _model(args):
             "max_position_embeddings": args.seq_length, **(options(args.model_preset) if args.model_preset else {})}
 
 
-def _variant(micro_batch_size, gradient_accumulation, seqpipe):
+def _variant(micro_batch_size, gradient_accumulation, seqpipe, recompute="none"):
     return {"micro_batch_size": micro_batch_size, "gradient_accumulation": gradient_accumulation,
-            "seqpipe": seqpipe}
+            "seqpipe": seqpipe, "recompute": granularity(recompute)}
+
+
+def _budget(args, out, model_file):
+    """Both sides' fastest configurations predicted to fit --memory-limit (planner/budget.py); seqpipe's
+    plan goes into out/budget_results.json."""
+    found = read_model_file(model_file)
+    if args.memory_limit.lower().endswith("x"):
+        need = stock_need(found, args.stages, args.batch_size, args.num_layers)
+        limit = float(args.memory_limit[:-1]) * need
+        print(f"stock's fastest configuration without recomputation is predicted to need {format_bytes(need)}")
+    else:
+        limit = parse_bytes(args.memory_limit)
+    print(f"planning both sides within {format_bytes(limit)} per stage (model states + activations)", flush=True)
+    limited = budget(found, args.stages, args.batch_size, limit, args.num_layers, args.schedules)
+    model = model_fields(found.config, args.stages, args.seq_length, args.num_layers)
+    write_plan(str(out / "budget_results.json"), entry(model, found.config["tp"], args.stages, 1,
+                                                       limited.seqpipe.within, device=found.device))
+    for side, pick in (("stock", limited.stock), ("seqpipe", limited.seqpipe)):
+        print(f"{side}: {pick.within.describe()}, predicted {pick.within.makespan:.4g} s, peak "
+              f"{format_bytes(pick.within.peak)}")
+    return limited
+
+
+def _budget_variants(limited, out):
+    """The two picks as bench variants: stock DeepSpeed's engine, and seqpipe's from its plan file."""
+    stock, seqpipe = limited.stock.within, limited.seqpipe.within
+    return {BUDGET_VARIANTS[0]: _variant(stock.micro_batch_size, stock.micro_batches, None, stock.recompute),
+            BUDGET_VARIANTS[1]: _variant(seqpipe.micro_batch_size, seqpipe.micro_batches,
+                                         {"plan": os.path.abspath(out / "budget_results.json")}, seqpipe.recompute)}
 
 
 def _variants(args, plan_file, makespan_file=None):
@@ -194,8 +242,8 @@ def _relay(process, log, timeout):
 
 def _launch(args, stages, variants, stem, measure=False, warmup=None, repeats=None):
     spec = {"model": _model(args), "stages": stages, "variants": variants, "measure": measure,
-            "warmup": args.warmup if warmup is None else warmup, "repeats": args.repeats if repeats is None else repeats,
-            "out": f"{stem}.json"}
+            "warmup": args.warmup if warmup is None else warmup,
+            "repeats": args.repeats if repeats is None else repeats, "out": f"{stem}.json"}
     with open(f"{stem}.spec.json", "w") as f:
         json.dump(spec, f)
     _run_launcher(args, stages, ["seqpipe_ds.benchmark", f"{stem}.spec.json"], f"{stem}.log")
@@ -262,12 +310,14 @@ def _rows(args, variants, timing, ideal, model_file):
         times = timing["times"][name]
         median = statistics.median(times)
         schedule, plan, micro_batches = variant_plan(variant, args.stages, args.batch_size, args.seq_length)
+        recompute = mode_of(variant["recompute"])
         predictions[name] = simulated = predict_run(found, args.stages, schedule, micro_batches, plan,
-                                                    timing["saved_bytes_per_token"])
+                                                    timing["saved_bytes_per_token"], recompute)
         predicted = simulated.makespan if found else None
         uncalibrated = predict_run(profile_only, args.stages, schedule, micro_batches, plan,
-                                   timing["saved_bytes_per_token"]).makespan if found else None
+                                   timing["saved_bytes_per_token"], recompute).makespan if found else None
         saved = timing["saved_peak_bytes"][name]
+        states = timing["model_state_bytes"][name]
         row = {"variant": name, "schedule": "1f1b (stock)" if variant["seqpipe"] is None else schedule,
                "slicing": _describe(variant, plan, micro_batches), "s_per_iter": median,
                "s_min": min(times), "s_max": max(times), "tokens_per_s": tokens / median,
@@ -275,6 +325,9 @@ def _rows(args, variants, timing, ideal, model_file):
                "vs_stock": stock / median, "of_ideal": ideal_time / median,
                "predicted_s": predicted, "prediction_error": None if predicted is None else predicted / median - 1,
                "profile_only_error": None if uncalibrated is None else uncalibrated / median - 1,
+               "recompute": recompute,
+               "peak_mib": max(a + b for a, b in zip(states, saved)) / MIB,
+               "stage_model_state_mib": [b / MIB for b in states],
                "peak_activation_mib": max(saved) / MIB, "stage_peak_activation_mib": [b / MIB for b in saved],
                "predicted_peak_activation_mib": max(simulated.peak_activation_bytes) / MIB,
                "stage_predicted_peak_activation_mib": [b / MIB for b in simulated.peak_activation_bytes]}
@@ -285,6 +338,31 @@ def _rows(args, variants, timing, ideal, model_file):
                  "tokens_per_s": tokens / ideal_time, "vs_stock": stock / ideal_time, "of_ideal": 1.0,
                  "single_stage_s": ideal_time * args.stages})
     return rows, predictions
+
+
+def _print_budget(limited, rows):
+    """The two picks side by side: measured speed, peak measured / predicted, what each gave up; the
+    bench.json "budget" section."""
+    limit_mib = limited.limit / MIB
+    stock = rows[BUDGET_VARIANTS[0]]
+    print(f"\nWithin {limit_mib:.0f} MiB per stage (model states + activations, fullest stage); peak = measured model "
+          "states + peak bytes saved for backward / predicted by the memory model")
+    header = f"{'side':<26} {'tokens/s (min-max)':>22} {'x stock':>8} {'predicted':>16} {'peak MiB':>16} " \
+             f"{'recompute':>10}  configuration; gave up"
+    print(header + "\n" + "-" * len(header))
+    section = {"limit_mib": limit_mib}
+    for side, pick, name in (("stock", limited.stock, BUDGET_VARIANTS[0]), ("seqpipe", limited.seqpipe,
+                                                                              BUDGET_VARIANTS[1])):
+        row = {**rows[name], "vs_stock": stock["s_per_iter"] / rows[name]["s_per_iter"],
+               "predicted_peak_mib": pick.within.peak / MIB, "gave_up": pick.gave_up(),
+               "unlimited": pick.unlimited.describe(), "within_limit": rows[name]["peak_mib"] <= limit_mib}
+        section[side] = row
+        spread = f"{row['tokens_per_s']:.0f} ({row['tokens_per_s_min']:.0f}-{row['tokens_per_s_max']:.0f})"
+        predicted = f"{row['predicted_s']:.3f}s ({row['prediction_error']:+.0%})"
+        peak = f"{row['peak_mib']:.0f} / {row['predicted_peak_mib']:.0f}"
+        print(f"{name:<26} {spread:>22} {row['vs_stock']:>7.2f}x {predicted:>16} {peak:>16} {row['recompute']:>10}  "
+              f"{row['slicing']}; gave up {row['gave_up']}")
+    return section
 
 
 def _describe(variant, plan, micro_batches):

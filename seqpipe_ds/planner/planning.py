@@ -211,8 +211,9 @@ def variant_plan(variant: Mapping, stages: int, batch_size: int, seq_length: int
     """(schedule, slicing of one micro-batch, micro-batches) a bench variant runs; stock DeepSpeed's
     1F1B is slice-1f1b with one slice per micro-batch."""
     section, micro_batches = variant["seqpipe"], variant["gradient_accumulation"]
-    if section is None:
-        return "slice-1f1b", make_plan(1, 1, 1, seq_length), micro_batches
+    if section is None:  # one unit of the whole micro-batch
+        size = variant["micro_batch_size"]
+        return "slice-1f1b", make_plan([size], 1, size, seq_length), micro_batches
     if "plan" in section:
         planned = pipeline_entry(section["plan"], stages, batch_size)
         return section.get("schedule") or planned.schedule or "terapipe", entry_plan(planned), micro_batches
