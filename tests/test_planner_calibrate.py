@@ -1,21 +1,19 @@
 """In-engine calibration (planner/calibrate.py): factors recovered from traced runs, a held-out run
 predicted within the stated error, and the factors carried through a model file into every plan."""
 import json
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
-from seqpipe_ds.planner.calibrate import Calibration, calibrate, store
+from seqpipe_ds.planner.calibrate import Calibration, Run, calibrate, store
 from seqpipe_ds.planner.costs import CostModel
 from seqpipe_ds.planner.fit import read_model_file
 from seqpipe_ds.planner.planning import cost_model
 from seqpipe_ds.schedules.actions import BACKWARD, FORWARD
 from seqpipe_ds.slicing import make_plan
-from test_planner_costs import model_with_ends  # noqa: F401 (a fitted model file whose stages differ)
 
 SEQ = 512
 TRUE_SCALE = ((1.04, 1.09), (1.21, 1.17), (1.12, 1.25))  # the "engine": each stage and direction its own factor
+TRUE_EXTRA = 0.03  # and seconds per step outside the units
 
 
 def profile_costs(stages=3):
@@ -25,29 +23,36 @@ def profile_costs(stages=3):
     return CostModel(stages=stages, compute=compute, send=lambda b, l: 1e-5 * b * l, forward_fraction=0.35)
 
 
-def traced_run(costs, schedule, micro_batches, plan, noise=0.0, seed=0):
-    """What ``seqpipe_ds.benchmark`` records for a seqpipe run, here from the simulator of a known engine."""
-    result = costs.simulate(schedule, micro_batches, plan)
+def engine_of(profile):
+    return Calibration(profile.stages, TRUE_SCALE, 0.0, 0, TRUE_EXTRA).apply(profile)
+
+
+def traced_run(engine, schedule, micro_batches, plan, noise=0.0, seed=0):
+    """What ``seqpipe_ds.benchmark`` records for a seqpipe run, here from the simulator of a known
+    engine: one iteration's units and two step times."""
+    result = engine.simulate(schedule, micro_batches, plan)
     rng = np.random.default_rng(seed)
     rows = []
     for seg in result.segments:
         if seg.kind in (FORWARD, BACKWARD):
             duration = (seg.end - seg.start) * (1 + noise * rng.uniform(-1, 1))
             rows.append([seg.stage, seg.kind, *seg.action.key, seg.start, seg.start + duration])
-    return plan, rows
+    steps = [result.makespan * (1 + noise * rng.uniform(-1, 1)) for _ in range(2)]
+    return Run(schedule, plan, micro_batches, rows, steps)
 
 
 def test_recovers_the_engine_factors_exactly():
     profile = profile_costs()
-    engine = replace(profile, scale=TRUE_SCALE)
+    engine = engine_of(profile)
     runs = [traced_run(engine, "slice-1f1b", 2, make_plan(1, 1, 1, SEQ)),
             traced_run(engine, "slice-1f1b", 2, make_plan(1, 4, 1, SEQ))]
     found = calibrate(profile, runs)
     np.testing.assert_allclose(np.array(found.scale), np.array(TRUE_SCALE), rtol=1e-12)
-    assert found.residual < 1e-12 and found.units == sum(len(rows) for _, rows in runs)
+    assert found.step_extra == pytest.approx(TRUE_EXTRA, rel=1e-9)
+    assert found.residual < 1e-12 and found.units == sum(len(run.trace) for run in runs)
     # A held-out run (another schedule, slicing and batch) is then predicted exactly.
     held_out = make_plan([1, 1], [[128, 256, 128], [256, 256]], 2, SEQ)
-    predicted = replace(profile, scale=found.scale).simulate("terapipe", 3, held_out).makespan
+    predicted = found.apply(profile).simulate("terapipe", 3, held_out).makespan
     assert predicted == pytest.approx(engine.simulate("terapipe", 3, held_out).makespan, rel=1e-12)
     uncalibrated = profile.simulate("terapipe", 3, held_out).makespan
     assert uncalibrated < 0.92 * predicted  # without the factors the prediction is > 8% low
@@ -55,12 +60,12 @@ def test_recovers_the_engine_factors_exactly():
 
 def test_noisy_traces_predict_a_held_out_run_within_the_stated_error():
     profile = profile_costs()
-    engine = replace(profile, scale=TRUE_SCALE)
+    engine = engine_of(profile)
     runs = [traced_run(engine, "slice-1f1b", 2, make_plan(1, k, 1, SEQ), noise=0.05, seed=k) for k in (1, 4)]
     found = calibrate(profile, runs)
     assert 0 < found.residual < 0.05
     held_out = make_plan(2, 2, 2, SEQ)
-    predicted = replace(profile, scale=found.scale).simulate("slice-1f1b", 2, held_out).makespan
+    predicted = found.apply(profile).simulate("slice-1f1b", 2, held_out).makespan
     actual = engine.simulate("slice-1f1b", 2, held_out).makespan
     assert abs(predicted / actual - 1) <= found.residual
 
@@ -68,20 +73,21 @@ def test_noisy_traces_predict_a_held_out_run_within_the_stated_error():
 def test_bad_input_is_one_clear_error():
     profile = profile_costs()
     with pytest.raises(ValueError, match="already set"):
-        calibrate(replace(profile, scale=TRUE_SCALE), [])
+        calibrate(engine_of(profile), [])
     with pytest.raises(ValueError, match="traced no forward on stage 0"):
         calibrate(profile, [])
 
 
-def test_a_model_file_carries_the_calibration_into_cost_model(model_with_ends):
-    path = str(model_with_ends)
+def test_a_model_file_carries_the_calibration_into_cost_model(fitted_recompute_model):
+    path = str(fitted_recompute_model)
     found = read_model_file(path)
     stages = 2
-    calibration = Calibration(stages, ((1.1, 1.2), (1.3, 1.4)), 0.02, 10)
+    calibration = Calibration(stages, ((1.1, 1.2), (1.3, 1.4)), 0.02, 10, 0.05)
     store(path, calibration)
     assert json.loads(open(path).read())["calibration"] == calibration.to_dict()
     calibrated = read_model_file(path)
     assert cost_model(calibrated, stages).scale == calibration.scale
+    assert cost_model(calibrated, stages).step == pytest.approx(cost_model(found, stages).step + 0.05, rel=1e-12)
     assert cost_model(calibrated, 3).scale is None  # made on another stage count: not applied
     assert cost_model(calibrated, stages, identical=True).scale is None  # TeraPipe's DP objective stays the DP's
     plan = make_plan(1, 4, 1, found.config["seq_length"])

@@ -37,7 +37,7 @@ from typing import List, Optional
 
 from ..model.presets import PRESETS, fill_shape, options
 from ..planner.budget import budget, stock_need
-from ..planner.calibrate import calibrate, store
+from ..planner.calibrate import Run, calibrate, store
 from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
 from ..planner.memory_model import format_bytes, parse_bytes
 from ..planner.plan_file import write_plan
@@ -268,7 +268,9 @@ def _make_plan(args, out):
                             "--micro-batch-size", str(args.batch_size), "--batch-sizes", *map(str, batch_sizes),
                             *(["--model-preset", args.model_preset] if args.model_preset else []),
                             "--granularity", str(args.granularity), "--repeats", str(args.profile_repeats),
-                            "--warmup", "1", "--adaptive", "--out", str(profile)], out / "profile.log")
+                            "--warmup", "1", "--adaptive", "--out", str(profile),
+                            # recomputation modes only where they are planned (--memory-limit)
+                            *([] if args.memory_limit else ["--recompute-modes"])], out / "profile.log")
     print("seqpipe-plan fit, then TeraPipe's DP and the schedule-exact search", flush=True)
     with open(profile) as f:
         measured = json.load(f)
@@ -289,14 +291,15 @@ def _calibrate(args, out, model_file):
     variants = {f"calibration: {k} slice(s)": _variant(1, micro_batches, {"seq_slices": k, "schedule": "slice-1f1b"})
                 for k in CALIBRATION_SLICES}
     print(f"calibrating in the engine: slice-1f1b with {', '.join(map(str, CALIBRATION_SLICES))} slice(s), "
-          f"{micro_batches} micro-batch(es), one warm-up + one traced iteration each", flush=True)
-    timing = _launch(args, args.stages, variants, out / "calibration", measure=True, warmup=1, repeats=1)
-    runs = [(variant_plan(variant, args.stages, args.batch_size, args.seq_length)[1], timing["trace"][name])
-            for name, variant in variants.items()]
+          f"{micro_batches} micro-batch(es), one warm-up + two timed + one traced iteration each", flush=True)
+    timing = _launch(args, args.stages, variants, out / "calibration", measure=True, warmup=1, repeats=2)
+    runs = [Run(*variant_plan(variant, args.stages, args.batch_size, args.seq_length), timing["trace"][name],
+                timing["times"][name]) for name, variant in variants.items()]
     calibration = calibrate(cost_model(read_model_file(model_file), args.stages), runs)
     store(model_file, calibration)
     factors = ", ".join(f"stage {s} x{f:.2f} / x{b:.2f}" for s, (f, b) in enumerate(calibration.scale))
-    print(f"engine over profile, forward / backward: {factors} (stated error {calibration.residual:.1%})")
+    print(f"engine over profile, forward / backward: {factors}; outside the units {calibration.step_extra:.3f} s "
+          f"per step (stated error {calibration.residual:.1%})")
 
 
 def _rows(args, variants, timing, ideal, model_file):

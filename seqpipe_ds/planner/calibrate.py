@@ -9,18 +9,23 @@ is compute, not waiting (a unit's CPU time is its wall time), and it differs by 
 direction, so it is measured where it happens: a short in-engine run of a few candidate slicings
 records every unit's forward and backward (``SeqPipeEngine.slice_trace``), and per stage and
 direction the factor is the sum of measured times over the sum of the latency model's times for
-the same units. ``CostModel.scale`` carries the factors; a latency model file keeps them
+the same units. A step also spends time outside its units (the optimizer step beyond the
+profiled one, the tied-embedding all-reduce, loads, barriers: 0.1-0.2 s per step on this Xeon at
+the default GPT), the same for every slicing, so after the factors the median of (measured step -
+simulated step) over the runs is added to each stage's step (``step_extra``, >= 0).
+``CostModel.scale`` and ``CostModel.step`` carry them; a latency model file keeps them
 (``calibration``), so that every path pricing a plan on that many stages uses them.
 
-The stated error of a calibration is how far its own runs' units stay from the scaled model
-(``residual``: the largest relative deviation of a run's summed stage time); a held-out run is
-expected within it.
+The stated error of a calibration is how far its own runs stay from the calibrated model
+(``residual``: the largest relative deviation of a run's step time or of its summed units on one
+stage); a held-out run is expected within it.
 """
 import json
 import os
 import tempfile
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple
+import statistics
+from dataclasses import dataclass, replace
+from typing import Dict, Iterable, List, NamedTuple, Sequence, Tuple
 
 from ..schedules.actions import FORWARD
 from ..slicing import SlicePlan
@@ -31,27 +36,41 @@ from .costs import CostModel
 TraceRow = Sequence
 
 
+class Run(NamedTuple):
+    """One traced in-engine run: what ran, the units' trace of one iteration, its step times."""
+    schedule: str
+    plan: SlicePlan  # of one micro-batch
+    micro_batches: int
+    trace: Sequence[TraceRow]
+    step_times: Sequence[float]
+
+
 @dataclass(frozen=True)
 class Calibration:
     stages: int
     scale: Tuple[Tuple[float, float], ...]  # per stage (forward, backward) factor
-    residual: float  # the stated error: largest relative deviation of a run's stage time after scaling
+    residual: float  # the stated error: largest relative deviation of a run's step time after calibrating
     units: int  # traced units it rests on
+    step_extra: float = 0.0  # seconds per step outside the units, added to each stage's step
+
+    def apply(self, costs: CostModel) -> CostModel:
+        """``costs`` with the factors and the step's extra time."""
+        return replace(costs, scale=self.scale, step=costs.step + self.step_extra)
 
     def to_dict(self) -> Dict:
         return {"stages": self.stages, "scale": [list(pair) for pair in self.scale], "residual": self.residual,
-                "units": self.units}
+                "units": self.units, "step_extra": self.step_extra}
 
     @classmethod
     def from_dict(cls, data: Dict) -> "Calibration":
         return cls(int(data["stages"]), tuple((float(f), float(b)) for f, b in data["scale"]),
-                   float(data["residual"]), int(data["units"]))
+                   float(data["residual"]), int(data["units"]), float(data.get("step_extra", 0.0)))
 
 
-def _sums(costs: CostModel, runs: Iterable[Tuple[SlicePlan, Sequence[TraceRow]]]):
+def _sums(costs: CostModel, runs: Iterable[Run]):
     """Per run: {(stage, forward?): (measured seconds, model seconds)} over its traced units."""
     per_run = []
-    for plan, trace in runs:
+    for _, plan, _, trace, _ in runs:
         model = costs.unit_times(plan)
         sums: Dict[Tuple[int, bool], List[float]] = {}
         for stage, kind, _, b, s, start, end in trace:
@@ -63,8 +82,8 @@ def _sums(costs: CostModel, runs: Iterable[Tuple[SlicePlan, Sequence[TraceRow]]]
     return per_run
 
 
-def calibrate(costs: CostModel, runs: Sequence[Tuple[SlicePlan, Sequence[TraceRow]]]) -> Calibration:
-    """Factors of ``costs`` (unscaled) from traced in-engine runs of the plans given."""
+def calibrate(costs: CostModel, runs: Sequence[Run]) -> Calibration:
+    """Factors and the step's extra time of ``costs`` (uncalibrated) from traced in-engine runs."""
     if costs.scale is not None:
         raise ValueError("calibrate a cost model without factors (CostModel.scale is already set)")
     per_run = _sums(costs, runs)
@@ -79,10 +98,17 @@ def calibrate(costs: CostModel, runs: Sequence[Tuple[SlicePlan, Sequence[TraceRo
                                  f"{stage}")
             pair.append(measured / model)
         scale.append(tuple(pair))
-    residual = max(abs(sum(run[k][0] for k in run if k[0] == stage) /
-                       sum(run[k][1] * scale[stage][0 if k[1] else 1] for k in run if k[0] == stage) - 1)
-                   for run in per_run for stage in {k[0] for k in run})
-    return Calibration(costs.stages, tuple(scale), residual, sum(len(trace) for _, trace in runs))
+    scaled = replace(costs, scale=tuple(scale))
+    simulated = [scaled.simulate(run.schedule, run.micro_batches, run.plan).makespan for run in runs]
+    measured = [statistics.median(run.step_times) for run in runs]
+    extra = max(0.0, statistics.median(m - s for m, s in zip(measured, simulated)))
+    # The stated error: the worse of how far a run's step and a run's summed units on one stage stay off.
+    steps = max(abs((s + extra) / m - 1) for m, s in zip(measured, simulated))
+    units = max(abs(sum(run[k][0] for k in run if k[0] == stage) /
+                    sum(run[k][1] * scale[stage][0 if k[1] else 1] for k in run if k[0] == stage) - 1)
+                for run in per_run for stage in {k[0] for k in run})
+    residual = max(steps, units)
+    return Calibration(costs.stages, tuple(scale), residual, sum(len(run.trace) for run in runs), extra)
 
 
 def store(model_file: str, calibration: Calibration) -> None:

@@ -51,7 +51,7 @@ def cost_model(found: ModelFile, stages: int, update_time: Optional[float] = Non
         return CostModel.identical_stages(model, stages, found.config["hidden_size"], recompute)
     costs = CostModel.from_latency_model(model, stages, found.config["hidden_size"], recompute)
     calibration = Calibration.from_dict(found.calibration) if found.calibration else None
-    return replace(costs, scale=calibration.scale) if calibration and calibration.stages == stages else costs
+    return calibration.apply(costs) if calibration and calibration.stages == stages else costs
 
 
 def stage_memory(found: ModelFile, stages: int, seq_len: int, num_model_layers: Optional[int] = None,
