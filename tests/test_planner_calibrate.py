@@ -95,3 +95,19 @@ def test_a_model_file_carries_the_calibration_into_cost_model(fitted_recompute_m
     for (stage, unit), (forward, backward) in base.items():
         assert scaled[stage, unit] == pytest.approx((forward * calibration.scale[stage][0],
                                                      backward * calibration.scale[stage][1]), rel=1e-12)
+
+
+def test_unsliced_1f1b_wins_within_the_stated_error():
+    from seqpipe_ds.planner.costs import Candidate
+    from seqpipe_ds.planner.search import SearchResult, prefer_unsliced
+    sliced = Candidate("terapipe", 1, make_plan(4, 4, 4, SEQ), 1.0, None, "DP")
+    unsliced = Candidate("slice-1f1b", 4, make_plan(1, 1, 1, SEQ), 1.04, None, "uniform 1")
+    other = Candidate("slice-1f1b", 2, make_plan(2, 2, 2, SEQ), 1.02, None, "uniform 2")
+    result = SearchResult(best=sliced, evaluated=3, smallest_peak=sliced, fitting=3,
+                          candidates=[sliced, other, unsliced])
+    assert prefer_unsliced(result, 0.05).best.plan == unsliced.plan  # 4% predicted gain < 5% stated error
+    assert "within 5% of the fastest" in prefer_unsliced(result, 0.05).best.source
+    assert prefer_unsliced(result, 0.03).best is sliced  # a 4% gain beyond a 3% error is kept
+    assert prefer_unsliced(result, 0.0).best is sliced
+    without = SearchResult(best=sliced, evaluated=2, smallest_peak=sliced, fitting=2, candidates=[sliced, other])
+    assert prefer_unsliced(without, 0.5).best is sliced

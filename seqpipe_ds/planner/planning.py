@@ -26,8 +26,8 @@ from .fit import ModelFile, read_model_file
 from .memory_model import MemoryModel, stage_parameters
 from .plan_file import PlanEntry, PlanFileError, read_plans, write_plan
 from .recompute import RECOMPUTE_MODES
-from .search import (SCHEDULE_NAMES, MemoryByMode, SearchResult, divisors, fastest_fitting, search,
-                     stock_candidates)
+from .search import (SCHEDULE_NAMES, MemoryByMode, SearchResult, divisors, fastest_fitting, prefer_unsliced,
+                     search, stock_candidates)
 from .solve import solve
 
 
@@ -104,13 +104,17 @@ def makespan_plan(found: ModelFile, stages: int, batch_size: int, seq_len: int, 
                   progress: Optional[Callable[[str], None]] = None,
                   recompute_modes: Sequence[str] = ("none",)) -> SearchResult:
     """The schedule-exact search under every mode of ``recompute_modes`` (``memory``: one model per
-    mode, ``memory_by_mode``), over the micro-batch sizes the profile can time."""
+    mode, ``memory_by_mode``), over the micro-batch sizes the profile can time. With an in-engine
+    calibration for ``stages`` stages, unsliced 1F1B wins whenever it is predicted within the
+    calibration's stated error of the fastest (``search.prefer_unsliced``)."""
     if memory_limit is not None and memory is None:
         raise ValueError("the latency model records no saved bytes per token: re-profile (seqpipe-plan profile) to "
                          "plan under a memory limit")
-    return search(cost_model(found, stages, update_time), batch_size, seq_len, granularity, schedules, memory,
-                  memory_limit, micro_batch_sizes=timed_micro_batches(found, batch_size), progress=progress,
-                  recompute_modes=recompute_modes)
+    result = search(cost_model(found, stages, update_time), batch_size, seq_len, granularity, schedules, memory,
+                    memory_limit, micro_batch_sizes=timed_micro_batches(found, batch_size), progress=progress,
+                    recompute_modes=recompute_modes)
+    calibration = Calibration.from_dict(found.calibration) if found.calibration else None
+    return prefer_unsliced(result, calibration.residual) if calibration and calibration.stages == stages else result
 
 
 def budget_plans(found: ModelFile, stages: int, batch_size: int, memory_limit: Optional[float],

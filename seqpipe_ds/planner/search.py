@@ -21,7 +21,7 @@ It is a heuristic: on small grids it is checked against exhaustive enumeration
 memory limit; the fastest fitting candidate wins, and when none fits the error names the smallest
 peak found.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -53,6 +53,18 @@ class SearchResult:
     smallest_peak: Candidate  # the candidate with the least peak memory, fitting or not
     fitting: int  # candidates within the memory limit
     candidates: List[Candidate] = field(default_factory=list)  # every fitting candidate, fastest first
+
+
+def prefer_unsliced(result: SearchResult, margin: float) -> SearchResult:
+    """``result`` with stock DeepSpeed's own configuration (unsliced 1F1B: slice-1f1b, one unit per
+    micro-batch) as the best when it is predicted within ``margin`` (a fraction) of the fastest: a
+    prediction is only as good as its stated error (the in-engine calibration's), and within it a
+    sliced plan's gain is not known to exist, while its cost of switching is real."""
+    unsliced = [c for c in result.candidates if c.schedule == "slice-1f1b" and len(c.plan.units()) == 1]
+    if margin <= 0 or not unsliced or unsliced[0].makespan > result.best.makespan * (1 + margin):
+        return result
+    chosen = replace(unsliced[0], source=f"unsliced 1F1B, within {margin:.0%} of the fastest")
+    return replace(result, best=chosen)
 
 
 def equal_flop_lengths(seq_len: int, parts: int, granularity: int, hidden_size: int) -> List[int]:
