@@ -258,6 +258,8 @@ def _make_plan(args, out):
         raise SystemExit(f"--num-layers {args.num_layers} must divide into --stages {args.stages}")
     profile, model_file = out / "profile.json", out / "latency_model.json"
     plan_file, makespan_file = out / "dp_results.json", out / "makespan_results.json"
+    for stale in (plan_file, makespan_file, out / "budget_results.json"):  # plan files add entries: start afresh
+        stale.unlink(missing_ok=True)
     batch_sizes = sorted({1, args.batch_size} | {b for b in (2, 4) if b < args.batch_size})
     print(f"profiling one stage ({args.num_layers // args.stages} layers, embedding and LM head) at granularity "
           f"{args.granularity}, adaptively", flush=True)
