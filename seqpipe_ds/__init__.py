@@ -21,10 +21,10 @@ from . import config as seqpipe_config
 from . import protocol, schedules
 from .model import dropout
 from .patches import clip_norm
-from .protocol import sliceable
+from .protocol import sliceable, splits_backward
 from .slicing import SlicePlan, make_plan
 
-__all__ = ["initialize", "sliceable", "resolve_plan", "SlicePlan"]
+__all__ = ["initialize", "sliceable", "splits_backward", "resolve_plan", "SlicePlan"]
 
 
 def _load_config(args, config, config_params) -> dict:
@@ -70,6 +70,11 @@ def resolve(ds_config: dict, model: PipelineModule) -> Tuple[SlicePlan, str]:
     batch_slices, seq_slices, schedule = cfg.batch_slices, cfg.seq_slices, cfg.schedule
     if cfg.plan is not None:
         batch_slices, seq_slices, schedule = _planned_slices(cfg, ds, model)
+    if schedules.get_schedule(schedule).splits_backward:
+        split_problems = protocol.backward_split_problems(model._layer_specs)
+        if split_problems:
+            raise ValueError(f"seqpipe: schedule {schedule!r} splits every backward into B and a deferred W: "
+                             + "; ".join(split_problems))
     try:
         plan = make_plan(batch_slices, seq_slices, ds.train_micro_batch_size_per_gpu, cfg.seq_length)
     except ValueError as e:

@@ -16,11 +16,12 @@ from megatron.core.utils import init_method_normal, scaled_init_method_normal
 from torch import nn
 
 from .. import attention
-from ..protocol import sliceable
-from . import dropout
+from ..protocol import sliceable, splits_backward
+from . import dropout, wgrad
 from .config import GPTConfig
 
 
+@splits_backward  # its weights' gradients are all B: an embedding's backward is a scatter-add, no GEMM
 @sliceable
 class EmbeddingPipe(nn.Module):
     """Word embeddings, plus learned absolute position embeddings unless the positions are rotary
@@ -76,10 +77,13 @@ def split_starts(inputs):
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs, None)
 
 
+@splits_backward
 @sliceable
 def lm_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    """Output layer tied to the word embedding; returns this TP rank's share of the vocabulary, (B, T, V / TP)."""
-    return F.linear(_all_tokens(hidden, embedding.sequence_parallel), embedding.word_embeddings.weight)
+    """Output layer tied to the word embedding; returns this TP rank's share of the vocabulary, (B, T, V / TP).
+    megatron-core's linear function, as its untied output layer, so that the head's large weight-gradient
+    GEMM defers under ``wgrad.deferring`` like every other linear layer's."""
+    return wgrad.linear(_all_tokens(hidden, embedding.sequence_parallel), embedding.word_embeddings.weight)
 
 
 def _all_tokens(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
@@ -92,6 +96,7 @@ def _all_tokens(hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
     return tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
 
 
+@splits_backward
 @sliceable
 class OutputLayer(nn.Module):
     """Untied output layer (``--untie-embeddings-and-output-weights``): megatron-core GPTModel's
@@ -102,11 +107,11 @@ class OutputLayer(nn.Module):
         self.sequence_parallel = config.sequence_parallel
         # Its input comes gathered and with the gradient reduction in place (_all_tokens, shared with
         # the tied head), so the layer itself neither gathers nor reduces; the logits come out (B, T, V / TP).
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
+        self.output_layer = wgrad.install(tensor_parallel.ColumnParallelLinear(
             config.hidden_size, config.vocab_size, config=dataclasses.replace(config.parallel_config(),
                                                                               sequence_parallel=False),
             init_method=init_method_normal(config.init_method_std), bias=False, gather_output=False,
-            disable_grad_reduce=True)
+            disable_grad_reduce=True))
 
     def forward(self, hidden):
         logits, _ = self.output_layer(_all_tokens(hidden, self.sequence_parallel))  # (B, T, V / TP)
@@ -163,19 +168,19 @@ class SelfAttention(nn.Module):
         # QKV rows grouped per K/V head as in megatron-core (attention.py, get_query_key_value_tensors):
         # [q of the group's query heads, k, v] for group 0, then group 1, ...; with one query head per
         # group that is [q, k, v] per head. A column-parallel shard holds whole groups.
-        self.linear_qkv = tensor_parallel.ColumnParallelLinear(
+        self.linear_qkv = wgrad.install(tensor_parallel.ColumnParallelLinear(
             config.hidden_size, (config.num_attention_heads + 2 * config.query_groups) * self.head_dim, config=pc,
-            init_method=init_method_normal(config.init_method_std), bias=config.add_bias_linear, gather_output=False)
+            init_method=init_method_normal(config.init_method_std), bias=config.add_bias_linear, gather_output=False))
         self.rotary, self.rotary_config = None, None
         self.reset_attention_mask, self.reset_position_ids = config.reset_attention_mask, config.reset_position_ids
         if config.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(self.head_dim, config.rotary_percent, rotary_base=config.rotary_base,
                                           use_cpu_initialization=True)
             self.rotary_config = config.transformer_config(tp)
-        self.linear_proj = tensor_parallel.RowParallelLinear(
+        self.linear_proj = wgrad.install(tensor_parallel.RowParallelLinear(
             config.hidden_size, config.hidden_size, config=pc, bias=config.add_bias_linear, input_is_parallel=True,
             skip_bias_add=False,
-            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers))
+            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers)))
 
     def forward(self, x, starts=None):
         """``starts`` [B, s]: each token's document start (packed documents), else None."""
@@ -255,13 +260,13 @@ class MLP(nn.Module):
         # SwiGLU doubles fc1's rows; every TP rank holds [gate; up] of its share of the FFN. With
         # stride 2 the CPU initialisation cuts the full [gate; up] weight that way, so the model is
         # the same for any TP size, as megatron-core's MLP does (transformer/mlp.py, fc1_stride).
-        self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
+        self.linear_fc1 = wgrad.install(tensor_parallel.ColumnParallelLinear(
             config.hidden_size, 2 * config.ffn_size if self.swiglu else config.ffn_size, config=pc,
             init_method=init_method_normal(config.init_method_std), bias=config.add_bias_linear,
-            gather_output=False, stride=2 if self.swiglu else 1)
-        self.linear_fc2 = tensor_parallel.RowParallelLinear(
+            gather_output=False, stride=2 if self.swiglu else 1))
+        self.linear_fc2 = wgrad.install(tensor_parallel.RowParallelLinear(
             config.ffn_size, config.hidden_size, config=pc, bias=config.add_bias_linear, input_is_parallel=True,
-            skip_bias_add=False, init_method=scaled_init_method_normal(config.init_method_std, config.num_layers))
+            skip_bias_add=False, init_method=scaled_init_method_normal(config.init_method_std, config.num_layers)))
 
     def forward(self, x):
         h, _ = self.linear_fc1(x)  # (B, T, [2 *] ffn / TP)
@@ -274,6 +279,7 @@ class MLP(nn.Module):
         return out
 
 
+@splits_backward  # its linear layers' W defers; attention, the norms and the biases are B
 @sliceable
 class TransformerLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Works on any sequence slice."""
@@ -308,6 +314,8 @@ class TransformerLayer(nn.Module):
 
 # Two classes rather than one wrapper module keep the final norm's parameter names ("<n>.weight").
 # Their input may carry document starts, which end here: the output layer takes hidden states only.
+# A norm's gradients are B: elementwise, no GEMM.
+@splits_backward
 @sliceable
 class FinalLayerNorm(nn.LayerNorm):
     def __init__(self, config: GPTConfig):
@@ -318,6 +326,7 @@ class FinalLayerNorm(nn.LayerNorm):
         return super().forward(split_starts(inputs)[0])
 
 
+@splits_backward
 @sliceable
 class FinalRMSNorm(nn.RMSNorm):
     def __init__(self, config: GPTConfig):
