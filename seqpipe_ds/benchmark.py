@@ -10,7 +10,13 @@ memory model's input). Rank 0 writes the result JSON named in the spec.
 Spec: {"model": {GPTConfig fields}, "stages": K, "warmup": w, "repeats": r, "measure": bool, "out": path,
        "variants": {name: {"micro_batch_size": b, "gradient_accumulation": g,
                            "seqpipe": seqpipe section, or null for stock DeepSpeed,
-                           "recompute": optional GPTConfig.recompute_granularity (null: none)}}}
+                           "recompute": optional GPTConfig.recompute_granularity (null: none)}},
+       "documents": optional {"prefix": Megatron .bin/.idx prefix, "eod": end-of-document id}}
+
+With ``"documents"`` (packed documents: the model is built with ``reset_attention_mask`` and
+``reset_position_ids``) the batches are that dataset's documents in a seeded shuffled order, back to
+back, as GPTDataset packs them, with Megatron's reset positions, EOD loss mask and each token's
+document start.
 
 With ``"measure"`` every stage also counts its model states (parameters, gradients and optimizer
 states, bytes of the tensors the engine holds after the measured step).
@@ -25,7 +31,7 @@ from tqdm import tqdm
 
 import seqpipe_ds
 from seqpipe_ds import parallel
-from seqpipe_ds.data import corpus_documents
+from seqpipe_ds.data import corpus_documents, document_starts, packed_stream
 from seqpipe_ds.memory import SavedTensorMeter
 from seqpipe_ds.model import GPTConfig, gpt_pipeline
 
@@ -42,13 +48,31 @@ def _ds_config(spec, variant):
 
 
 def _batches(spec, variant):
-    """The first sequences of the embedded corpus, byte-tokenized; every variant trains on the same ones."""
+    """The first sequences of the embedded corpus, byte-tokenized, or of the packed documents; every
+    variant trains on the same ones."""
     b, s = variant["micro_batch_size"], spec["model"]["max_position_embeddings"]
-    text = "\n".join(corpus_documents()).encode("utf-8")
     needed = variant["gradient_accumulation"] * b * (s + 1)
+    if spec.get("documents"):
+        return _document_batches(spec["documents"], needed, b, s)
+    text = "\n".join(corpus_documents()).encode("utf-8")
     tokens = torch.tensor(list(text[:needed]), dtype=torch.long).view(-1, b, s + 1)
     positions = torch.arange(s).expand(b, s)
     return [((seqs[:, :-1], positions), (seqs[:, 1:], torch.ones(b, s))) for seqs in tokens]
+
+
+def _document_batches(documents, needed, b, s):
+    """Micro-batches of packed documents: ((tokens, position ids, document starts), (labels, loss mask)),
+    positions restarting and the loss masked on EOD tokens as megatron-core's GPTDataset has them."""
+    stream = torch.from_numpy(packed_stream(documents["prefix"], needed))
+    if stream.numel() < needed:
+        raise ValueError(f"{documents['prefix']} holds {stream.numel()} tokens, the batches need {needed}")
+    batches = []
+    for seqs in stream.view(-1, b, s + 1):
+        tokens = seqs[:, :-1]
+        starts = document_starts(tokens, documents["eod"])
+        positions = torch.arange(s).expand(b, s) - starts
+        batches.append(((tokens, positions, starts), (seqs[:, 1:], (tokens != documents["eod"]).float())))
+    return batches
 
 
 def _per_stage(engine, value):
@@ -135,15 +159,17 @@ def _model_state_bytes(engine):
 
 def _probe_bytes_per_token(engine, batch):
     """Bytes this stage saves for backward per token of one whole sequence (forward, and the loss on the last stage)."""
-    (tokens, positions), (labels, loss_mask) = batch
+    (tokens, *rest), (labels, loss_mask) = batch
     seq = tokens.shape[1]
     module = engine.module
     if engine.is_first_stage():
-        inputs = (tokens[:1].to(engine.device), positions[:1].to(engine.device))
+        inputs = tuple(t[:1].to(engine.device) for t in (tokens, *rest))
     else:
         dtype = next(module.parameters()).dtype
         inputs = torch.randn(1, seq, module.gpt_config.hidden_size, dtype=dtype, device=engine.device,
                              requires_grad=True)
+        if len(rest) == 2:  # packed documents: the stage takes (hidden, document starts)
+            inputs = (inputs, rest[1][:1].to(engine.device))
     meter = SavedTensorMeter(module.parameters())
     with meter.hooks():
         out = module(inputs)

@@ -17,6 +17,12 @@
    beside the measurements; the timed runs are held out from the calibration.
 Prints the table, writes bench.json (and with --png the measured and predicted timelines).
 
+--documents trains every variant on packed documents (Megatron's --reset-attention-mask
+--reset-position-ids --eod-mask-loss; --data-path, default the embedded corpus): stock DeepSpeed then
+attends with the dense document mask, seqpipe with its block attention per document segment, and the
+planner and every prediction price each slice's expected same-document context under the document
+lengths measured in that data (planner/documents.py; stock's with the dense mask).
+
 The default is small enough for a first contact on a 2-core CPU (a few minutes, progress shown for
 every phase). --full is the comparison the README's results come from: hidden 1024, 16 heads,
 uniform 4 and 8 slices, 2 warm-up + 5 timed iterations.
@@ -35,9 +41,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
+from ..data import ByteTokenizer
 from ..model.presets import PRESETS, fill_shape, options
 from ..planner.budget import budget, stock_need
 from ..planner.calibrate import Run, calibrate, store
+from ..planner.documents import EMBEDDED, document_data, measured_documents
 from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
 from ..planner.memory_model import format_bytes, parse_bytes
 from ..planner.plan_file import write_plan
@@ -73,15 +81,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.memory_limit and args.plan:
         raise SystemExit("--memory-limit plans both sides from this machine's profile: leave out --plan")
-    plan_file, makespan_file, model_file = (args.plan, None, args.latency_model) if args.plan else _make_plan(args, out)
+    if args.memory_limit and args.documents:
+        raise SystemExit("--memory-limit does not plan packed documents yet: leave out one of them")
+    documents = measured_documents(args.data_path, args.seq_length, args.eod) if args.documents else None
+    if documents:
+        print(f"packed documents: {documents.lengths.describe()}", flush=True)
+    plan_file, makespan_file, model_file = ((args.plan, None, args.latency_model) if args.plan
+                                            else _make_plan(args, out, documents))
     limited = _budget(args, out, model_file) if args.memory_limit else None
     variants = {**_variants(args, plan_file, makespan_file), **(_budget_variants(limited, out) if limited else {})}
     print(f"timing {', '.join(variants)} on {args.stages} stages, {args.warmup} warm-up + {args.repeats} "
           "alternating iterations each, then one measured iteration each", flush=True)
     timing = _launch(args, args.stages, variants, out / "timing", measure=True)
     print("timing the same work in one process (the bubble-free ideal)", flush=True)
-    ideal = _launch(args, 1, {"single stage": _variant(args.batch_size, 1, None)}, out / "single")
-    rows, predictions = _rows(args, variants, timing, ideal, model_file)
+    # With packed documents seqpipe's engine, unsliced: the block attention per document (stock's is the dense mask).
+    one_process = {"seq_slices": 1, "schedule": "slice-1f1b"} if args.documents else None
+    ideal = _launch(args, 1, {"single stage": _variant(args.batch_size, 1, one_process)}, out / "single")
+    rows, predictions = _rows(args, variants, timing, ideal, model_file, documents)
     budget_rows = {row["variant"]: row for row in rows if row["variant"] in BUDGET_VARIANTS}
     _print_table(args, [row for row in rows if row["variant"] not in BUDGET_VARIANTS], timing["device"])
     result = {"config": vars(args), "device": timing["device"], "rows": rows}
@@ -125,6 +141,15 @@ def _parser():
                         "fastest configuration needs without recomputation): also time the fastest configuration "
                         "each side is predicted to fit (stock: micro-batch size and recomputation of unsliced 1F1B; "
                         "seqpipe: schedule, slicing, micro-batches and recomputation) and report what each gave up")
+    p.add_argument("--documents", action="store_true",
+                   help="train on packed documents (--reset-attention-mask --reset-position-ids --eod-mask-loss) of "
+                        "--data-path; stock DeepSpeed with the dense document mask; plans and predictions priced "
+                        "for the documents' measured lengths")
+    p.add_argument("--data-path", default=EMBEDDED,
+                   help="with --documents: a Megatron .bin/.idx prefix with tokens below --vocab-size (default: the "
+                        "embedded corpus, byte-level)")
+    p.add_argument("--eod", type=int, default=ByteTokenizer.eod,
+                   help="with --documents: the data's end-of-document id (default: the byte-level tokenizer's)")
     p.add_argument("--png", help="write the measured and the predicted per-stage timeline of one variant here")
     p.add_argument("--png-variant", help="the variant drawn with --png (default: the last schedule's planned run)")
     return p
@@ -133,7 +158,8 @@ def _parser():
 def _model(args):
     return {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
             "num_attention_heads": args.num_attention_heads, "vocab_size": args.vocab_size,
-            "max_position_embeddings": args.seq_length, **(options(args.model_preset) if args.model_preset else {})}
+            "max_position_embeddings": args.seq_length, **(options(args.model_preset) if args.model_preset else {}),
+            **({"reset_attention_mask": True, "reset_position_ids": True} if args.documents else {})}
 
 
 def _variant(micro_batch_size, gradient_accumulation, seqpipe, recompute="none"):
@@ -244,6 +270,8 @@ def _launch(args, stages, variants, stem, measure=False, warmup=None, repeats=No
     spec = {"model": _model(args), "stages": stages, "variants": variants, "measure": measure,
             "warmup": args.warmup if warmup is None else warmup,
             "repeats": args.repeats if repeats is None else repeats, "out": f"{stem}.json"}
+    if args.documents:
+        spec["documents"] = dict(zip(("prefix", "eod"), document_data(args.data_path, args.eod)))
     with open(f"{stem}.spec.json", "w") as f:
         json.dump(spec, f)
     _run_launcher(args, stages, ["seqpipe_ds.benchmark", f"{stem}.spec.json"], f"{stem}.log")
@@ -251,7 +279,7 @@ def _launch(args, stages, variants, stem, measure=False, warmup=None, repeats=No
         return json.load(f)
 
 
-def _make_plan(args, out):
+def _make_plan(args, out, documents):
     """profile (one stage's layers and both ends, and p2p) -> fit -> TeraPipe's DP into
     out/dp_results.json and the schedule-exact search into out/makespan_results.json."""
     if args.num_layers % args.stages:
@@ -279,15 +307,15 @@ def _make_plan(args, out):
     report = fit_profile(measured)
     write_model_file(str(model_file), report, measured)
     print("\n".join(fit_summary(report, measured)))
-    _calibrate(args, out, str(model_file))
+    _calibrate(args, out, str(model_file), documents)
     for name, found in zip(("TeraPipe's DP", "schedule-exact search"),
                            bench_plans(str(model_file), args.stages, args.batch_size, args.num_layers, str(plan_file),
-                                       str(makespan_file))):
+                                       str(makespan_file), documents)):
         print(f"{name}: {found.describe()}, predicted {found.makespan:.4g} s")
     return str(plan_file), str(makespan_file), str(model_file)
 
 
-def _calibrate(args, out, model_file):
+def _calibrate(args, out, model_file, documents):
     """The traced in-engine run of ``CALIBRATION_SLICES``; its per-stage factors go into the model file."""
     micro_batches = min(args.batch_size, 2)
     variants = {f"calibration: {k} slice(s)": _variant(1, micro_batches, {"seq_slices": k, "schedule": "slice-1f1b"})
@@ -297,14 +325,14 @@ def _calibrate(args, out, model_file):
     timing = _launch(args, args.stages, variants, out / "calibration", measure=True, warmup=1, repeats=2)
     runs = [Run(*variant_plan(variant, args.stages, args.batch_size, args.seq_length), timing["trace"][name],
                 timing["times"][name]) for name, variant in variants.items()]
-    calibration = calibrate(cost_model(read_model_file(model_file), args.stages), runs)
+    calibration = calibrate(cost_model(read_model_file(model_file), args.stages, documents=documents), runs)
     store(model_file, calibration)
     factors = ", ".join(f"stage {s} x{f:.2f} / x{b:.2f}" for s, (f, b) in enumerate(calibration.scale))
     print(f"engine over profile, forward / backward: {factors}; outside the units {calibration.step_extra:.3f} s "
           f"per step (stated error {calibration.residual:.1%})")
 
 
-def _rows(args, variants, timing, ideal, model_file):
+def _rows(args, variants, timing, ideal, model_file, documents):
     ideal_time = statistics.median(ideal["times"]["single stage"]) / args.stages
     tokens = args.batch_size * args.seq_length
     stock = statistics.median(timing["times"]["stock DeepSpeed"])
@@ -316,11 +344,12 @@ def _rows(args, variants, timing, ideal, model_file):
         median = statistics.median(times)
         schedule, plan, micro_batches = variant_plan(variant, args.stages, args.batch_size, args.seq_length)
         recompute = mode_of(variant["recompute"])
+        attention = documents.dense_mask() if documents and variant["seqpipe"] is None else documents
         predictions[name] = simulated = predict_run(found, args.stages, schedule, micro_batches, plan,
-                                                    timing["saved_bytes_per_token"], recompute)
+                                                    timing["saved_bytes_per_token"], recompute, attention)
         predicted = simulated.makespan if found else None
         uncalibrated = predict_run(profile_only, args.stages, schedule, micro_batches, plan,
-                                   timing["saved_bytes_per_token"], recompute).makespan if found else None
+                                   timing["saved_bytes_per_token"], recompute, attention).makespan if found else None
         saved = timing["saved_peak_bytes"][name]
         states = timing["model_state_bytes"][name]
         row = {"variant": name, "schedule": "1f1b (stock)" if variant["seqpipe"] is None else schedule,
@@ -378,6 +407,7 @@ def _describe(variant, plan, micro_batches):
 def _print_table(args, rows, device):
     print(f"\nGPT {args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads, seq "
           f"{args.seq_length}, batch {args.batch_size}; {args.stages} stages, {args.threads} thread(s) each; "
+          + (f"packed documents of {args.data_path} (stock: dense mask); " if args.documents else "") +
           f"device {device}; medians of {args.repeats} alternating iterations; activation MiB = peak bytes saved "
           "for backward on the fullest stage, measured / simulated")
     header = f"{'variant':<24} {'tokens/s (min-max)':>22} {'x stock':>8} {'of ideal':>9} {'predicted':>16} " \

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..model.presets import PRESETS, SHAPE, fill_shape, options
 from ..planner import planning, read_plans, write_plan
+from ..planner.documents import measured_documents
 from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
 from ..planner.recompute import RECOMPUTE_MODES
 from ..planner.search import SCHEDULE_NAMES
@@ -105,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="activation recomputation of every stage to plan for (the model must be built with it: "
                         "Megatron's --recompute-granularity); auto: every mode the profile measured, the fastest "
                         "plan that fits wins")
+    p.add_argument("--documents", metavar="DATA",
+                   help="plan for packed documents (Megatron's --reset-attention-mask --reset-position-ids "
+                        "--eod-mask-loss): each slice priced with its expected same-document context under the "
+                        "document lengths measured in DATA, a .bin/.idx prefix (--data-path), or 'embedded' (the "
+                        "embedded corpus, byte-level); the plan file records them and the hook refuses the plan "
+                        "for a model without --reset-attention-mask")
+    p.add_argument("--eod", type=int, help="with --documents: the end-of-document id of DATA's tokenizer "
+                                           "(default for 'embedded': the byte-level tokenizer's)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="for the memory model (default: profiled)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1], default=0, help="for the memory model")
     p.add_argument("--seq-length", type=int, help="default: the profiled one")
@@ -210,9 +219,13 @@ def _solve(args) -> None:
     if args.objective == "dp" and (args.memory_limit or args.schedule != "auto" or args.recompute == "auto"):
         raise ValueError("--objective dp plans TeraPipe's objective only: --memory-limit, --schedule and --recompute "
                          "auto need --objective makespan")
+    documents = measured_documents(args.documents, seq_len, args.eod) if args.documents else None
+    if documents:
+        print(f"packed documents: {documents.lengths.describe()}")
     start = time.perf_counter()
     if args.objective == "dp":
-        costs = planning.cost_model(found, args.num_stages, args.update_time, identical=True, recompute=args.recompute)
+        costs = planning.cost_model(found, args.num_stages, args.update_time, identical=True, recompute=args.recompute,
+                                    documents=documents)
         best = planning.dp_plan(costs, batch, seq_len, granularity)
         print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity}, recompute "
               f"{args.recompute} (TeraPipe's objective, solved in {time.perf_counter() - start:.3f} s)")
@@ -224,16 +237,16 @@ def _solve(args) -> None:
             versus = "unsliced: not predictable (beyond the profiled batch sizes)"
         print(f"predicted iteration: {best.makespan:.6g} s; {versus}")
     else:
-        best = _search(args, found, batch, seq_len, granularity, start)
+        best = _search(args, found, batch, seq_len, granularity, start, documents)
     if args.plan_file:
         model = planning.model_fields(config, args.num_stages, seq_len, args.num_model_layers, args.model_name)
         entry = planning.entry(model, config["tp"], args.num_stages, args.dp, best, args.global_batch_size,
-                               found.device, dp_objective=args.objective == "dp")
+                               found.device, dp_objective=args.objective == "dp", documents=documents)
         write_plan(args.plan_file, entry)
         print(f"wrote to {args.plan_file}: {entry.describe()}")
 
 
-def _search(args, found, batch, seq_len, granularity, start):
+def _search(args, found, batch, seq_len, granularity, start, documents):
     """The schedule-exact search under the memory limit; prints what it found."""
     from ..planner.memory_model import format_bytes, parse_bytes
     limit = parse_bytes(args.memory_limit) if args.memory_limit else None
@@ -243,7 +256,7 @@ def _search(args, found, batch, seq_len, granularity, start):
     schedules = SCHEDULE_NAMES if args.schedule == "auto" else [args.schedule]
     result = planning.makespan_plan(found, args.num_stages, batch, seq_len, granularity, schedules, memory, limit,
                                     args.update_time, progress=lambda what: print(f"  searching {what}", flush=True),
-                                    recompute_modes=modes)
+                                    recompute_modes=modes, documents=documents)
     best = result.best
     print(f"{args.num_stages} stages, batch {batch}, sequence {seq_len}, granularity {granularity}: "
           f"{result.evaluated} candidates simulated in {time.perf_counter() - start:.2f} s"
@@ -256,7 +269,7 @@ def _search(args, found, batch, seq_len, granularity, start):
         print("predicted peak per stage: " + ", ".join(format_bytes(b) for b in best.peak_bytes))
     try:  # the comparison the search must win
         simulated = planning.dp_plan(planning.cost_model(found, args.num_stages, args.update_time,
-                                                         recompute=best.recompute),
+                                                         recompute=best.recompute, documents=documents),
                                      batch, seq_len, granularity, schedules).makespan
         print(f"TeraPipe's DP plan, simulated the same way: {simulated:.6g} s ({simulated / best.makespan:.3f}x)")
     except ValueError as e:

@@ -4,7 +4,9 @@ when the entry names one) at engine start.
 Every rank reads the same file and config and so picks the same entry (or raises the same
 PlanFileError) before any communication. An entry was priced for one activation recomputation
 (``recompute``); a model built with another (``gpt_config.recompute_granularity``, which
-``gpt_pipeline`` attaches) would neither take the time nor the memory planned, so it is refused.
+``gpt_pipeline`` attaches) would neither take the time nor the memory planned, so it is refused; so is
+a plan made for packed documents (``entry.documents``) for a model without ``reset_attention_mask``,
+and a causal plan for a model with it: the slices were priced for the other attention.
 """
 from .plan_file import PlanFileError, find_plan
 from .recompute import granularity, mode_of
@@ -39,4 +41,10 @@ def slices_from_plan(cfg, ds_config, model):
                             f"recompute_granularity={granularity(entry.recompute)!r} (Megatron's "
                             "--recompute-granularity) or solve for its own recomputation (seqpipe-plan solve "
                             f"--recompute {mode_of(built.recompute_granularity)})")
+    if built is not None and built.reset_attention_mask != (entry.documents is not None):
+        made, other, solve = (("packed documents", "without", "without --documents") if entry.documents is not None
+                              else ("causal attention", "with", "--documents DATA"))
+        raise PlanFileError(f"seqpipe: the plan in {cfg.plan} was made for {made}, but the model is built {other} "
+                            f"reset_attention_mask (Megatron's --reset-attention-mask): solve for it (seqpipe-plan "
+                            f"solve {solve})")
     return entry.batch_slices, entry.input_slices, schedule

@@ -10,14 +10,19 @@ Our entries::
      "latency": 1.23, "micro_batches": 4,      # the simulated step of this many micro-batches
      "schedule": "slice-1f1b",                 # optional: the schedule planned for (the hook applies it)
      "recompute": "none",                      # activation recomputation of every stage (none/selective/full)
-     "predicted_peak_bytes": [3.1e10, 2.9e10]} # optional: per stage, the memory model's peak
+     "predicted_peak_bytes": [3.1e10, 2.9e10], # optional: per stage, the memory model's peak
+     "documents": {"lengths": [...], "counts": [...], "horizon": 2048, ...}}  # optional: see below
 
 ``latency`` is the step time ``costs.CostModel`` simulates for ``micro_batches`` micro-batches:
 with a schedule, what runs (``from_latency_model``); without one, TeraPipe's DP objective
 (``identical_stages``, terapipe order). Files without ``micro_batches`` read as the global batch
 over DP and the micro batch for an entry with a schedule and a global batch size, else 1; files
 without ``recompute`` read as "none" (planned before recomputation was a plan dimension). The
-hook refuses an entry whose recomputation is not the model's.
+hook refuses an entry whose recomputation is not the model's. ``documents`` (absent: causal attention
+over the whole sequence) says the plan was made for packed documents (Megatron's
+``--reset-attention-mask``) of the measured length distribution it records
+(``documents.DocumentLengths``); the hook refuses it for a model without the flag, and a causal plan
+for a model with it.
 
 A setting is identified by the model, the batch sizes, TP/PP/DP and the device; ``write_plan``
 replaces the entry of the same setting.
@@ -67,6 +72,7 @@ class PlanEntry:
     predicted_peak_bytes: Optional[List[float]] = None  # per stage: model states + saved activations
     micro_batches: int = 1  # the micro-batches per step that ``latency`` is the simulated time of
     recompute: str = "none"  # the activation recomputation ``latency`` and the peaks were priced with
+    documents: Optional[Dict[str, Any]] = None  # packed documents: the length distribution planned for
 
     @property
     def is_legacy(self) -> bool:
@@ -87,6 +93,7 @@ class PlanEntry:
         extras = [f"global_batch_size={self.global_batch_size}"] if self.global_batch_size is not None else []
         extras += [f"device={self.device!r}"] if self.device is not None else []
         extras += [f"recompute={self.recompute}"] if self.recompute != "none" else []
+        extras += ["packed documents"] if self.documents is not None else []
         return ", ".join([model, f"micro_batch_size={self.micro_batch_size}", f"tp={self.tp}", f"pp={self.pp}",
                           f"dp={self.dp}"] + extras)
 
@@ -96,7 +103,7 @@ class PlanEntry:
                     "model_parallel_size": self.tp, "pipeline_length": self.pp, "data_parallel_size": self.dp,
                     **self.extra, "latency": self.latency, "batch_slices": self.batch_slices,
                     "input_slices": self.input_slices}
-        optional = {name: getattr(self, name) for name in ("schedule", "predicted_peak_bytes")
+        optional = {name: getattr(self, name) for name in ("schedule", "predicted_peak_bytes", "documents")
                     if getattr(self, name) is not None}
         return {"model": self.model, "global_batch_size": self.global_batch_size,
                 "micro_batch_size": self.micro_batch_size, "tp": self.tp, "pp": self.pp, "dp": self.dp,
@@ -185,7 +192,7 @@ def _parse(item: Any, index: int, path: str) -> PlanEntry:
                           device=item.get("device"), schedule=_schedule(item.get("schedule")),
                           predicted_peak_bytes=None if item.get("predicted_peak_bytes") is None
                           else [float(b) for b in item["predicted_peak_bytes"]],
-                          recompute=check_mode(item.get("recompute") or "none"))
+                          recompute=check_mode(item.get("recompute") or "none"), documents=item.get("documents"))
         return replace(entry, micro_batches=int(item.get("micro_batches") or _older_micro_batches(entry)))
     except (KeyError, TypeError, ValueError) as e:
         raise PlanFileError(f"plan file {path}: entry [{index}] is malformed ({type(e).__name__}: {e}); each entry "

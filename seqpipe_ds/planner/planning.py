@@ -13,6 +13,10 @@ plan, as library calls (the commands parse, call these and print).
   ``simulate_entry`` (``seqpipe-plan show``) reproduces the latency.
 * ``bench_plans``, ``variant_plan`` and ``predict_run``: what ``seqpipe-bench`` plans, runs and
   predicts for each of its variants (``seqpipe_ds.benchmark``'s spec).
+
+Each takes ``documents`` (``documents.PackedDocuments``, the measured document lengths) to plan and
+price packed documents: the expected same-document context of every slice instead of the causal one;
+plan entries record the distribution, so ``simulate_entry`` prices them the same way again.
 """
 from dataclasses import replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -22,6 +26,7 @@ from ..schedules import SimResult
 from ..slicing import SlicePlan, make_plan
 from .calibrate import Calibration
 from .costs import Candidate, CostModel, simulate_plan
+from .documents import DocumentLatencyModel, DocumentLengths, PackedDocuments
 from .fit import ModelFile, read_model_file
 from .memory_model import MemoryModel, stage_parameters
 from .plan_file import PlanEntry, PlanFileError, read_plans, write_plan
@@ -41,12 +46,16 @@ def model_fields(config: Mapping, stages: int, seq_len: int, num_model_layers: O
 
 
 def cost_model(found: ModelFile, stages: int, update_time: Optional[float] = None,
-               identical: bool = False, recompute: str = "none") -> CostModel:
+               identical: bool = False, recompute: str = "none",
+               documents: Optional[PackedDocuments] = None) -> CostModel:
     """What runs (``identical`` False) or TeraPipe's DP's reading of the model file, under
     recomputation ``recompute``, with the optimizer step's time replaced when ``update_time`` is
-    given. What runs carries the file's in-engine calibration when it was made on ``stages`` stages
+    given, and with ``documents`` for packed documents (``documents.DocumentLatencyModel``). What
+    runs carries the file's in-engine calibration when it was made on ``stages`` stages
     (``calibrate.py``)."""
     model = found.model if update_time is None else replace(found.model, update_time=update_time)
+    if documents is not None:
+        model = DocumentLatencyModel.of(model, documents)
     if identical:
         return CostModel.identical_stages(model, stages, found.config["hidden_size"], recompute)
     costs = CostModel.from_latency_model(model, stages, found.config["hidden_size"], recompute)
@@ -102,7 +111,8 @@ def makespan_plan(found: ModelFile, stages: int, batch_size: int, seq_len: int, 
                   schedules: Sequence[str] = SCHEDULE_NAMES, memory: Optional[MemoryByMode] = None,
                   memory_limit: Optional[float] = None, update_time: Optional[float] = None,
                   progress: Optional[Callable[[str], None]] = None,
-                  recompute_modes: Sequence[str] = ("none",)) -> SearchResult:
+                  recompute_modes: Sequence[str] = ("none",),
+                  documents: Optional[PackedDocuments] = None) -> SearchResult:
     """The schedule-exact search under every mode of ``recompute_modes`` (``memory``: one model per
     mode, ``memory_by_mode``), over the micro-batch sizes the profile can time. With an in-engine
     calibration for ``stages`` stages, unsliced 1F1B wins whenever it is predicted within the
@@ -110,9 +120,9 @@ def makespan_plan(found: ModelFile, stages: int, batch_size: int, seq_len: int, 
     if memory_limit is not None and memory is None:
         raise ValueError("the latency model records no saved bytes per token: re-profile (seqpipe-plan profile) to "
                          "plan under a memory limit")
-    result = search(cost_model(found, stages, update_time), batch_size, seq_len, granularity, schedules, memory,
-                    memory_limit, micro_batch_sizes=timed_micro_batches(found, batch_size), progress=progress,
-                    recompute_modes=recompute_modes)
+    result = search(cost_model(found, stages, update_time, documents=documents), batch_size, seq_len, granularity,
+                    schedules, memory, memory_limit, micro_batch_sizes=timed_micro_batches(found, batch_size),
+                    progress=progress, recompute_modes=recompute_modes)
     calibration = Calibration.from_dict(found.calibration) if found.calibration else None
     return prefer_unsliced(result, calibration.residual) if calibration and calibration.stages == stages else result
 
@@ -162,14 +172,17 @@ def dp_plan(costs: CostModel, batch_size: int, seq_len: int, granularity: int,
 
 
 def entry(model: Dict, tp: int, pp: int, dp: int, plan: Candidate, global_batch_size: Optional[int] = None,
-          device: Optional[str] = None, dp_objective: bool = False) -> PlanEntry:
-    """The plan-file entry of a candidate. A plan of TeraPipe's DP objective records no schedule:
-    the config's applies, and ``simulate_entry`` prices it as the DP did."""
+          device: Optional[str] = None, dp_objective: bool = False,
+          documents: Optional[PackedDocuments] = None) -> PlanEntry:
+    """The plan-file entry of a candidate (planned for packed ``documents``: their lengths). A plan of
+    TeraPipe's DP objective records no schedule: the config's applies, and ``simulate_entry`` prices
+    it as the DP did."""
     return PlanEntry(model=model, micro_batch_size=plan.micro_batch_size, tp=tp, pp=pp, dp=dp,
                      batch_slices=list(plan.plan.batch_slices), input_slices=[list(s) for s in plan.plan.seq_slices],
                      latency=plan.makespan, global_batch_size=global_batch_size, device=device,
                      schedule=None if dp_objective else plan.schedule, predicted_peak_bytes=plan.peak_bytes,
-                     micro_batches=plan.micro_batches, recompute=plan.recompute)
+                     micro_batches=plan.micro_batches, recompute=plan.recompute,
+                     documents=documents.lengths.to_dict() if documents else None)
 
 
 def entry_plan(entry: PlanEntry) -> SlicePlan:
@@ -181,25 +194,28 @@ def simulate_entry(found: ModelFile, entry: PlanEntry, schedule: Optional[str] =
     """The step a plan-file entry's latency records: its schedule, micro-batches and recomputation
     with every stage's costs, or for an entry without a schedule (TeraPipe's DP, legacy files) the
     DP's objective on the terapipe order. ``schedule`` / ``micro_batches`` simulate it otherwise."""
-    costs = cost_model(found, entry.pp, identical=entry.schedule is None, recompute=entry.recompute)
+    documents = PackedDocuments(DocumentLengths.from_dict(entry.documents)) if entry.documents else None
+    costs = cost_model(found, entry.pp, identical=entry.schedule is None, recompute=entry.recompute,
+                       documents=documents)
     return costs.simulate(schedule or entry.schedule or "terapipe", micro_batches or entry.micro_batches,
                           entry_plan(entry))
 
 
 def bench_plans(model_file: str, stages: int, batch_size: int, num_layers: int, dp_file: str,
-                makespan_file: str) -> Tuple[Candidate, Candidate]:
+                makespan_file: str, documents: Optional[PackedDocuments] = None) -> Tuple[Candidate, Candidate]:
     """TeraPipe's DP (the batch as one micro-batch) into ``dp_file`` and the schedule-exact search into
     ``makespan_file``, for ``stages`` stages of ``num_layers`` layers in all, at the profiled sequence
-    length and granularity, without a memory limit."""
+    length and granularity, without a memory limit (with ``documents``: for packed documents)."""
     found = read_model_file(model_file)
     config = found.config
     seq_len, granularity = config["seq_length"], config["granularity"]
-    dp = dp_plan(cost_model(found, stages, identical=True), batch_size, seq_len, granularity)
+    dp = dp_plan(cost_model(found, stages, identical=True, documents=documents), batch_size, seq_len, granularity)
     searched = makespan_plan(found, stages, batch_size, seq_len, granularity,
-                             memory=stage_memory(found, stages, seq_len, num_layers)).best
+                             memory=stage_memory(found, stages, seq_len, num_layers), documents=documents).best
     model = model_fields(config, stages, seq_len, num_layers)
     for path, plan in ((dp_file, dp), (makespan_file, searched)):
-        write_plan(path, entry(model, config["tp"], stages, 1, plan, device=found.device, dp_objective=plan is dp))
+        write_plan(path, entry(model, config["tp"], stages, 1, plan, device=found.device, dp_objective=plan is dp,
+                               documents=documents))
     return dp, searched
 
 
@@ -226,9 +242,11 @@ def variant_plan(variant: Mapping, stages: int, batch_size: int, seq_length: int
 
 
 def predict_run(found: Optional[ModelFile], stages: int, schedule: str, micro_batches: int, plan: SlicePlan,
-                saved_bytes_per_token: Sequence[float], recompute: str = "none") -> SimResult:
+                saved_bytes_per_token: Sequence[float], recompute: str = "none",
+                documents: Optional[PackedDocuments] = None) -> SimResult:
     """The simulated step of what a bench variant runs (``variant_plan``) under recomputation
-    ``recompute``, with every stage's costs (nominal token costs without a model file), and per
-    stage the peak saved bytes from the measured bytes per token."""
-    costs = cost_model(found, stages, recompute=recompute).costs(plan) if found else None
+    ``recompute``, with every stage's costs (nominal token costs without a model file; ``documents``:
+    packed documents, their ``dense_mask()`` for stock DeepSpeed), and per stage the peak saved bytes
+    from the measured bytes per token."""
+    costs = cost_model(found, stages, recompute=recompute, documents=documents).costs(plan) if found else None
     return simulate_plan(schedule, stages, micro_batches, plan, costs, saved_bytes_per_token)
