@@ -17,8 +17,8 @@ from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from .attention import KVCache
-from .model import dropout
-from .schedules import Action, instructions as ins, lower
+from .model import dropout, wgrad
+from .schedules import Action, get_schedule, instructions as ins, lower
 from .slicing import SlicePlan
 
 
@@ -28,6 +28,7 @@ class SeqPipeEngine(PipelineEngine):
         super().__init__(*args, **kwargs)
         self.slice_plan = slice_plan
         self.schedule_name = schedule
+        self._splits_backward = get_schedule(schedule).splits_backward
         self._capacity = getattr(getattr(self.module, "gpt_config", None), "max_position_embeddings", None)
         self._activation_meta = None  # per tensor sent between stages: (trailing shape, dtype)
         self._meta_sent = False
@@ -47,6 +48,7 @@ class SeqPipeEngine(PipelineEngine):
         self._pending_sends = []  # (work, tensor): the tensor must live until its send completes
         self._caches = {}
         self._inputs, self._outputs, self._labels, self._losses, self._grads = {}, {}, {}, {}, {}
+        self._wgrads = {}  # split backward: the weight-gradient work a unit's B left for its W
         self._normalizers = {}  # micro-batch -> loss normalizer (a scalar each; cleared after the step)
 
     def _train_schedule(self):
@@ -113,19 +115,34 @@ class SeqPipeEngine(PipelineEngine):
         tensors, grads = self._caches[cache_key].backward_args(s, tensors, grads)
         # The same bookkeeping as PipelineEngine's backward of a non-last stage: the output
         # hooks DeepSpeedEngine.forward registered do the GAS scaling (last stage) and prologue.
+        if self._splits_backward:
+            self._wgrads[key] = queue = wgrad.WeightGrads()
+            with wgrad.deferring(queue):
+                self._accumulating("B", key, torch.autograd.backward, tensors, grads)
+        else:
+            self._accumulating("B", key, torch.autograd.backward, tensors, grads)
+        self._caches[cache_key].release(s)
+        if s == 0:
+            del self._caches[cache_key]
+
+    def _exec_weight_slice(self, micro_batch, unit):
+        key = (micro_batch, *unit)
+        self._accumulating("W", key, self._wgrads.pop(key).run)
+
+    def _accumulating(self, kind, key, run, *args):
+        """``run(*args)``, traced, as a backward that adds into the parameters' gradients: under bf16
+        the low-precision gradients are cleared before and added into the fp32 ones after, as
+        PipelineEngine's backward does, so a W's gradients arrive like a B's."""
         if self.using_bf16_optimizer:
             self.optimizer.clear_lp_grads()
         self._running_engine_backward = True
         try:
-            with self._traced("B", key):
-                torch.autograd.backward(tensors, grads)
+            with self._traced(kind, key):
+                run(*args)
         finally:
             self._running_engine_backward = False
         if self.using_bf16_optimizer and not self._config.bfloat16_config.immediate_grad_update:
             self.optimizer.update_hp_grads(clear_lp_grads=False)
-        self._caches[cache_key].release(s)
-        if s == 0:
-            del self._caches[cache_key]
 
     @contextmanager
     def _traced(self, kind, key):
@@ -193,6 +210,7 @@ class SeqPipeEngine(PipelineEngine):
         ins.LoadMicroBatch: _exec_load_sliced_micro_batch,
         ins.ForwardSlice: _exec_forward_slice,
         ins.BackwardSlice: _exec_backward_slice,
+        ins.WeightSlice: _exec_weight_slice,
         ins.SendSliceActivation: _exec_send_slice_activation,
         ins.RecvSliceActivation: _exec_recv_slice_activation,
         ins.SendSliceGrad: _exec_send_slice_grad,

@@ -43,13 +43,83 @@ def test_schedule_runs_and_keeps_the_dependencies(name, stages, micro_batches, s
         # Forwards of every micro-batch in stream order (the data iterator's order).
         forwards = [(a.micro_batch, a.unit) for a in computes if a.kind == A.FORWARD]
         assert forwards == [(m, u) for m in range(micro_batches) for u in units]
+        _check_weight_gradients(SCHEDULES[name], program, micro_batches * len(units))
     peak = result.peak_alive_units
     most_slices = max(len(lengths) for lengths in plan.seq_slices)
+    if SCHEDULES[name].splits_backward:
+        # The F and B actions are slice-1f1b's, so are the activations alive; a unit is held from F to W
+        # within slice-1f1b's bound on the first stage, which ZB-H1 gives every stage.
+        _, _, streamed = _run("slice-1f1b", stages, micro_batches, *slicing)
+        assert peak == streamed.peak_alive_units
+        for program in programs:
+            held = list(itertools.accumulate((a.kind == A.FORWARD) - (a.kind == A.WEIGHT) for a in program))
+            assert max(held) <= stages + most_slices - 1, held
     if name == "slice-1f1b":
         # Seq1F1B's bound: the warm-up plus one.
         assert all(peak[s] <= (stages - s) + most_slices - 1 for s in range(stages)), peak
     if name == "terapipe":
         assert peak == [len(units)] * stages  # every unit of a micro-batch is alive at once
+
+
+def _check_weight_gradients(schedule, program, units):
+    """A split backward has one W per B, after it and before the step; otherwise there is no W."""
+    weights = [k for k, a in enumerate(program) if a.kind == A.WEIGHT]
+    if not schedule.splits_backward:
+        assert not weights
+        return
+    assert len(weights) == units
+    where = {a.key: k for k, a in enumerate(program) if a.kind == A.BACKWARD}
+    assert all(where[program[k].key] < k < len(program) - 1 for k in weights)
+
+
+# Zero Bubble PP's idealised costs (t_F = t_B = t_W, no transfers): the fraction of the bubble-free
+# step, stages x micro-batches x slices, for slice-1f1b and with the weight gradients deferred. The
+# 8 x 8 x 1 case is ZB-H1's bubble, (p - 1)(t_F + t_B - t_W) against 1F1B's (p - 1)(t_F + t_B + t_W).
+IDEAL = [((2, 1, 4), 0.800, 0.857), ((2, 2, 4), 0.889, 0.960), ((4, 1, 8), 0.727, 0.800),
+         ((8, 8, 1), 0.533, 24 / 31), ((8, 8, 4), 0.821, 0.932)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape,sliced,deferred", IDEAL)
+def test_deferred_weight_gradients_fill_the_bubbles(shape, sliced, deferred):
+    stages, micro_batches, slices = shape
+    plan = make_plan(1, slices, micro_batch_size=1, seq_length=slices)
+    costs = Costs(lambda stage, a: 1.0 if a.kind == A.FORWARD else 2.0, weight=lambda stage, a: 1.0)
+    work = 3.0 * micro_batches * slices
+    fractions = {name: work / simulate(lower(name, stages, micro_batches, plan), plan, costs).makespan
+                 for name in SCHEDULES}
+    assert fractions["slice-1f1b"] == pytest.approx(sliced, abs=5e-4)
+    assert fractions["slice-zb"] == pytest.approx(deferred, abs=5e-4)
+
+
+@pytest.mark.timeout(60)
+def test_simulator_checks_weight_gradients():
+    plan = make_plan(1, 2, micro_batch_size=1, seq_length=2)
+    good = [list(p) for p in lower("slice-zb", 2, 1, plan)]
+    simulate(good, plan, rendezvous=True)
+    first_w = next(k for k, a in enumerate(good[0]) if a.kind == A.WEIGHT)
+    late = list(good[0])
+    w = late.pop(first_w)
+    late.insert(len(late) - 1, w)  # fine anywhere before the step
+    simulate([late, good[1]], plan, rendezvous=True)
+    early = list(good[0])
+    early.pop(first_w)
+    early.insert(early.index(A.Action(A.BACKWARD, *w.key)), w)  # before its own B
+    with pytest.raises(ScheduleError, match="weight gradient without its backward"):
+        simulate([early, good[1]], plan)
+    after_step = [a for a in good[0] if a != w] + [w]
+    with pytest.raises(ScheduleError, match="optimizer step before every weight gradient"):
+        simulate([after_step, good[1]], plan)
+    missing = [a for a in good[0] if a != w]
+    with pytest.raises(ScheduleError, match="optimizer step before every weight gradient"):
+        simulate([missing, good[1]], plan)
+    # The time split: B is charged its backward less the weight part, W that part.
+    costs = Costs(lambda stage, a: 1.0 if a.kind == A.FORWARD else 3.0, weight=lambda stage, a: 1.25)
+    result = simulate(good, plan, costs)
+    durations = {(s.stage, s.kind): s.end - s.start for s in result.segments if s.kind in "BW"}
+    assert durations[0, "B"] == pytest.approx(1.75) and durations[0, "W"] == pytest.approx(1.25)
+    unsplit = simulate(lower("slice-1f1b", 2, 1, plan), plan, costs)
+    assert {s.end - s.start for s in unsplit.segments if s.kind == "B"} == {3.0}
 
 
 @pytest.mark.timeout(60)

@@ -2,13 +2,18 @@
 
 An ``Action`` is one step of one pipeline stage, written like ``torch.distributed.pipelining``'s
 ``_Action``: ``"1.0.2F"`` is the forward of micro-batch 1, batch slice 0, sequence slice 2.
-Compute actions (F, B) are what a schedule decides; loads, sends, receives and the optimizer
-step are derived from them by ``lowering.lower``.
+Compute actions (F, B, and W where a schedule splits the backward) are what a schedule decides;
+loads, sends, receives and the optimizer step are derived from them by ``lowering.lower``.
+
+A backward is B alone, or, in a schedule that splits it (Zero Bubble PP, Qi et al., ICLR 2024),
+B is the input gradient, which the previous stage waits for, and W the weight gradient of the
+same unit, which nothing waits for until the optimizer step.
 """
 from dataclasses import dataclass
 from typing import Tuple
 
 FORWARD, BACKWARD = "F", "B"
+WEIGHT = "W"  # the deferred weight gradient of a unit whose B computed only the input gradient
 SEND_ACT, RECV_ACT = "SEND_F", "RECV_F"  # activation of a unit, to / from the next stage
 SEND_GRAD, RECV_GRAD = "SEND_B", "RECV_B"  # gradient of a unit's input, to / from the previous stage
 LOAD = "LOAD"  # first and last stage: read micro-batch m from the data iterator
@@ -53,3 +58,7 @@ def forward(m: int, unit) -> Action:
 
 def backward(m: int, unit) -> Action:
     return Action(BACKWARD, m, *unit)
+
+
+def weight(m: int, unit) -> Action:
+    return Action(WEIGHT, m, *unit)

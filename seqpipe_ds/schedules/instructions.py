@@ -7,7 +7,7 @@ from typing import Sequence
 
 from deepspeed.runtime.pipe.schedule import OptimizerStep, PipeInstruction, PipeSchedule, ReduceGrads, ReduceTiedGrads
 
-from .actions import BACKWARD, FORWARD, LOAD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP, Action
+from .actions import BACKWARD, FORWARD, LOAD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP, WEIGHT, Action
 
 
 class SliceInstruction(PipeInstruction):
@@ -34,7 +34,14 @@ class ForwardSlice(SliceInstruction):
 
 class BackwardSlice(SliceInstruction):
     """Backpropagates ``losses[key]`` (last stage) or ``outputs[key]`` with ``grads[key]`` (both popped),
-    together with the K/V gradients later slices left in the cache; then releases the slice's cache."""
+    together with the K/V gradients later slices left in the cache; then releases the slice's cache.
+    Under a schedule that splits the backward it computes the input gradients only and keeps the
+    linear layers' weight-gradient work in ``wgrads[key]`` (``model.wgrad.WeightGrads``)."""
+
+
+class WeightSlice(SliceInstruction):
+    """Pops ``wgrads[key]`` and runs it: the weight-gradient GEMMs of the unit's linear layers,
+    accumulated into the parameters' gradients (the deferred half of a split BackwardSlice)."""
 
 
 class SendSliceActivation(SliceInstruction):
@@ -53,7 +60,7 @@ class RecvSliceGrad(SliceInstruction):
     """Receives the gradient of ``outputs[key]`` from the next stage into ``grads[key]``."""
 
 
-_SLICE = {FORWARD: ForwardSlice, BACKWARD: BackwardSlice, SEND_ACT: SendSliceActivation,
+_SLICE = {FORWARD: ForwardSlice, BACKWARD: BackwardSlice, WEIGHT: WeightSlice, SEND_ACT: SendSliceActivation,
           RECV_ACT: RecvSliceActivation, SEND_GRAD: SendSliceGrad, RECV_GRAD: RecvSliceGrad}
 
 

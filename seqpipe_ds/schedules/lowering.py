@@ -7,14 +7,16 @@ forever (in 1F1B's steady state stage s sends an activation while stage s+1 send
 The lowering therefore runs the programs in the simulator with rendezvous sends; at each such
 standoff the later stage takes the activation first and sends its gradient after, the exchange
 that Megatron's ``send_forward_recv_backward`` does in one call. The exchange costs nothing: each
-side needs the other's message only after the compute it has just finished. The result meets
+side needs the other's message only after the compute it has just finished. Only a W between a
+send and the receive moved before it would wait for the message; so where the later stage has
+more of those, the earlier stage takes the gradient first instead. The result meets
 every send/receive pair in one order on both sides, so it runs with blocking or async sends.
 """
 from functools import lru_cache
 from typing import List, Sequence, Tuple
 
 from ..slicing import SlicePlan
-from .actions import BACKWARD, FORWARD, LOAD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP, Action
+from .actions import BACKWARD, FORWARD, LOAD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP, WEIGHT, Action
 from .orders import get_schedule
 from .simulator import simulate
 
@@ -44,16 +46,24 @@ def _eager(orders: Sequence[Sequence[Action]]) -> List[List[Action]]:
 
 
 def _exchange(programs: List[List[Action]], pcs: List[int]) -> bool:
-    """At a standoff (stage s sends an activation, stage s+1 a gradient) stage s+1 receives first."""
+    """At a standoff (stage s sends an activation, stage s+1 a gradient) one of them receives first:
+    the one that, by receiving where it stands, holds back fewer W actions (work that needs no
+    message and would otherwise wait for this one), stage s+1 when it is a tie."""
     for s in range(len(programs) - 1):
         mine, theirs = programs[s][pcs[s]:pcs[s] + 1], programs[s + 1][pcs[s + 1]:pcs[s + 1] + 1]
         if mine and theirs and mine[0].kind == SEND_ACT and theirs[0].kind == SEND_GRAD:
-            receive = Action(RECV_ACT, *mine[0].key)
-            later = programs[s + 1]
-            later.remove(receive)  # it sits further on, right before its forward
-            later.insert(pcs[s + 1], receive)
+            options = [(s + 1, Action(RECV_ACT, *mine[0].key)), (s, Action(RECV_GRAD, *theirs[0].key))]
+            stage, receive = min(options, key=lambda o: _held_back(programs[o[0]], pcs[o[0]], o[1]))
+            program = programs[stage]
+            program.remove(receive)  # it sits further on, right before its compute
+            program.insert(pcs[stage], receive)
             return True
     return False
+
+
+def _held_back(program: List[Action], pc: int, receive: Action) -> int:
+    """The W actions between ``pc`` and ``receive``: what receiving at ``pc`` would make wait."""
+    return sum(a.kind == WEIGHT for a in program[pc:program.index(receive)])
 
 
 def lower_orders(orders: Sequence[Sequence[Action]], plan: SlicePlan) -> List[List[Action]]:

@@ -3,9 +3,11 @@
 ``simulate(programs, plan, costs)`` executes the per-stage action lists together. It checks what
 the engine relies on: every send meets its receive in the same order on both sides, nothing waits
 forever, a unit's input is there before its forward, a sequence's slices run forward in order and
-backward in reverse, no per-unit buffer is overwritten or left behind. It also returns per-stage
-segments with start and end times, the makespan, and the units, tokens and (with a memory model)
-activation bytes alive at each stage's peak.
+backward in reverse, no per-unit buffer is overwritten or left behind, and where a stage splits
+its backward (its program has W actions) every unit's W runs after its B and before the step. It
+also returns per-stage segments with start and end times, the makespan, and the units, tokens and
+(with a memory model) activation bytes alive at each stage's peak, plus the tokens whose W is
+still pending (their inputs and output gradients are held until it runs).
 
 Two models of a send. ``rendezvous=True``: a send completes only together with its receive (a
 blocking NCCL-style pair); a program that passes this way cannot deadlock under any weaker
@@ -18,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from ..slicing import SlicePlan
 from .actions import (BACKWARD, DIRECTION, FORWARD, LOAD, RECV_ACT, RECV_GRAD, RECVS, SEND_ACT, SEND_GRAD, SENDS,
-                      STEP, Action)
+                      STEP, WEIGHT, Action)
 
 
 class ScheduleError(ValueError):
@@ -39,17 +41,22 @@ class Segment:
 
 @dataclass(frozen=True)
 class Costs:
-    """What the simulator charges, in seconds. ``compute(stage, action)`` for F and B, ``send(action)``
-    for the transfer a SEND starts, ``step`` for each stage's reduction + optimizer step."""
+    """What the simulator charges, in seconds. ``compute(stage, action)`` for F and for a whole
+    backward (B), ``send(action)`` for the transfer a SEND starts, ``step`` for each stage's reduction
+    + optimizer step. ``weight(stage, action)``: the part of a B's time that is its weight gradient;
+    on a stage whose program splits the backward, B is charged the rest and the unit's W that part."""
     compute: Callable[[int, Action], float]
     send: Callable[[Action], float] = lambda action: 0.0
     step: float = 0.0
+    weight: Callable[[int, Action], float] = lambda stage, action: 0.0
 
 
-def token_costs(plan: SlicePlan, forward: float = 1.0, backward: float = 2.0) -> Costs:
-    """Nominal costs: proportional to a unit's tokens, backward twice the forward."""
+def token_costs(plan: SlicePlan, forward: float = 1.0, backward: float = 2.0, weight: float = 1.0) -> Costs:
+    """Nominal costs: proportional to a unit's tokens, backward twice the forward, half of it the
+    weight gradient (Zero Bubble PP's t_F = t_B = t_W)."""
     per_token = {FORWARD: forward, BACKWARD: backward}
-    return Costs(lambda stage, a: per_token[a.kind] * plan.tokens(a.unit))
+    return Costs(lambda stage, a: per_token[a.kind] * plan.tokens(a.unit),
+                 weight=lambda stage, a: weight * plan.tokens(a.unit))
 
 
 @dataclass
@@ -60,8 +67,10 @@ class SimResult:
     peak_alive_units: List[int]  # per stage: units forwarded and not yet backwarded, at the peak
     peak_alive_tokens: List[int]
     peak_activation_bytes: Optional[List[float]]  # with bytes_per_token: the memory model's peak
+    # per stage: the most tokens whose W was pending at once (0 where the backward is not split)
+    peak_pending_weight_tokens: List[int]
 
-    def stage_segments(self, stage: int, kinds=(FORWARD, BACKWARD, STEP)) -> List[Segment]:
+    def stage_segments(self, stage: int, kinds=(FORWARD, BACKWARD, WEIGHT, STEP)) -> List[Segment]:
         return [s for s in self.segments if s.stage == stage and s.kind in kinds]
 
 
@@ -70,9 +79,12 @@ class _Stage:
         self.sid, self.first, self.last = sid, sid == 0, sid == stages - 1
         self.program, self.pc, self.clock = list(program), 0, 0.0
         self.loaded = 0
-        self.forwarded, self.backwarded, self.sent = set(), set(), set()
-        self.buffers = {"inputs": set(), "outputs": set(), "grads": set()}  # the engine's per-unit dicts
+        self.forwarded, self.backwarded, self.weighted, self.sent = set(), set(), set(), set()
+        self.splits = any(a.kind == WEIGHT for a in self.program)  # B is the input gradient only, W the rest
+        # the engine's per-unit dicts; "wgrads": the weight-gradient work a split B leaves for the unit's W
+        self.buffers = {"inputs": set(), "outputs": set(), "grads": set(), "wgrads": set()}
         self.alive_units = self.alive_tokens = self.peak_units = self.peak_tokens = 0
+        self.pending_tokens = self.peak_pending = 0
 
     @property
     def current(self) -> Optional[Action]:
@@ -131,9 +143,10 @@ def simulate(programs: Sequence[Sequence[Action]], plan: SlicePlan, costs: Optio
             waits = "; ".join(f"stage {st.sid} waits at {st.current}" for st in sts if st.current is not None)
             raise ScheduleError(f"deadlock: {waits}")
     for st in sts:
-        missing = [str(a) for m in range(micro_batches) for u in units
-                   for a in (Action(FORWARD, m, *u), Action(BACKWARD, m, *u))
-                   if a.key not in (st.forwarded if a.kind == FORWARD else st.backwarded)]
+        done = {FORWARD: st.forwarded, BACKWARD: st.backwarded, WEIGHT: st.weighted}
+        kinds = (FORWARD, BACKWARD, WEIGHT) if st.splits else (FORWARD, BACKWARD)
+        missing = [str(a) for m in range(micro_batches) for u in units for a in (Action(k, m, *u) for k in kinds)
+                   if a.key not in done[a.kind]]
         if missing:
             raise ScheduleError(f"stage {st.sid} never runs {', '.join(missing[:6])}")
         left = {k: sorted(v) for k, v in st.buffers.items() if v}
@@ -146,7 +159,8 @@ def simulate(programs: Sequence[Sequence[Action]], plan: SlicePlan, costs: Optio
     if bytes_per_token is not None:
         peak_bytes = [st.peak_tokens * bytes_per_token[st.sid] for st in sts]
     return SimResult([st.program for st in sts], segments, max((s.end for s in segments), default=0.0),
-                     [st.peak_units for st in sts], [st.peak_tokens for st in sts], peak_bytes)
+                     [st.peak_units for st in sts], [st.peak_tokens for st in sts], peak_bytes,
+                     [st.peak_pending for st in sts])
 
 
 def _local(st: _Stage, action: Action, plan, costs, units, micro_batches, segments):
@@ -187,11 +201,26 @@ def _local(st: _Stage, action: Action, plan, costs, units, micro_batches, segmen
             st.take("outputs", key)
             st.take("grads", key)
         st.backwarded.add(key)
-        st.alive_units, st.alive_tokens = st.alive_units - 1, st.alive_tokens - plan.tokens(action.unit)
+        tokens = plan.tokens(action.unit)
+        st.alive_units, st.alive_tokens = st.alive_units - 1, st.alive_tokens - tokens
         duration = costs.compute(st.sid, action)
+        if st.splits:
+            st.put("wgrads", key)
+            st.pending_tokens += tokens
+            st.peak_pending = max(st.peak_pending, st.pending_tokens)
+            duration -= costs.weight(st.sid, action)
+    elif action.kind == WEIGHT:
+        if key not in st.backwarded or key in st.weighted:
+            st.fail("weight gradient without its backward, or run twice")
+        st.take("wgrads", key)
+        st.weighted.add(key)
+        st.pending_tokens -= plan.tokens(action.unit)
+        duration = costs.weight(st.sid, Action(BACKWARD, *key))
     elif action.kind == STEP:
         if len(st.backwarded) != micro_batches * len(units):
             st.fail("optimizer step before every backward of the step")
+        if st.splits and len(st.weighted) != micro_batches * len(units):
+            st.fail("optimizer step before every weight gradient of the step")
         duration = costs.step
     else:
         st.fail(f"unknown action kind {action.kind!r}")
