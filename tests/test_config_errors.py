@@ -5,6 +5,7 @@ import pytest
 
 import launcher
 from seqpipe_ds import config as seqpipe_config
+from seqpipe_ds.schedules import SCHEDULES
 from seqpipe_ds.slicing import make_plan
 
 
@@ -87,6 +88,14 @@ def _bad_configs(plan_path):
     unsliceable = PipelineModule(layers=[LayerSpec(torch.nn.Linear, 4, 4), LayerSpec(torch.nn.Linear, 4, 4)],
                                  topology=topo, loss_fn=torch.nn.MSELoss())
     out["unsliceable model"] = attempt({}, {}, unsliceable)
+
+    @seqpipe_ds.sliceable
+    class PositionWise(torch.nn.Linear):
+        """Slices fine, but its backward computes its weight gradient at once."""
+    unsplit = PipelineModule(layers=[LayerSpec(PositionWise, 4, 4), LayerSpec(PositionWise, 4, 4)],
+                             topology=topo, loss_fn=GPTLoss())
+    out["unsplit backward"] = {name: attempt({"schedule": name}, {}, unsplit)
+                               for name, schedule in seqpipe_ds.schedules.SCHEDULES.items() if schedule.splits_backward}
     out["no matching plan"] = attempt({"plan": plan_path}, {})
     out["config file"] = _config_file_error(model)
     return out
@@ -127,6 +136,10 @@ def test_every_rank_reports_the_error_before_communicating(tmp_path):
         assert match in messages[name], (name, messages[name])
     assert "layer 0 (Linear) is not marked @seqpipe_ds.sliceable" in messages["unsliceable model"]
     assert "normalizer" in messages["unsliceable model"]
+    assert set(messages["unsplit backward"]) == {n for n, s in SCHEDULES.items() if s.splits_backward} != set()
+    for name, message in messages["unsplit backward"].items():
+        assert f"schedule {name!r} splits every backward" in message, message
+        assert "layer 0 (_bad_configs.<locals>.PositionWise) is not marked @seqpipe_ds.splits_backward" in message
     assert f"plan file {plan_path} has no plan for" in messages["no matching plan"]
     assert "pp=4" in messages["no matching plan"]  # it lists what the file does contain
     assert "sum to 15, not to the 16 tokens" in messages["config file"]

@@ -11,7 +11,10 @@ it the forward; ``send(b, l)`` one activation or gradient message between neighb
 ``step`` each stage's reduction + optimizer step. ``unit_times`` is where a stage's own options
 change a unit's forward / backward split: the calibration's ``scale``, and activation recomputation
 (``recompute``, one mode for every stage: ``recompute.py``), whose rerun of the forward
-(``recompute_cost``, measured per mode by the profile) lengthens each backward.
+(``recompute_cost``, measured per mode by the profile) lengthens each backward. A schedule that
+splits the backward (``slice-zb``) runs ``weight(stage, b, l)`` of it as the unit's W and the rest
+as B (``Costs.weight``); the latency model's measured W, or where it has none Zero Bubble PP's
+t_W = t_F (the forward of the unit without context: the same GEMMs).
 
 Two readings of a latency model (``seqpipe-plan fit``):
 
@@ -120,6 +123,8 @@ class CostModel:
     scale: Optional[Tuple[Tuple[float, float], ...]] = None
     recompute: str = "none"
     recompute_cost: Mapping[str, Callable[[int, int, int, int], float]] = field(default_factory=dict, hash=False)
+    # W seconds of a unit of b sequences and l tokens on a stage (before ``scale``); None: t_W = t_F
+    weight: Optional[Callable[[int, int, int], float]] = field(default=None, hash=False)
 
     def __post_init__(self):
         check_mode(self.recompute)
@@ -132,16 +137,20 @@ class CostModel:
     def from_latency_model(cls, model, stages: int, hidden_size: int, recompute: str = "none") -> "CostModel":
         """Each stage's layers, plus the embedding on the first and the head + loss on the last; under
         ``recompute`` the layers' measured rerun (``LatencyModel.recompute_time``)."""
+        measured = model.weight_time(1, 1, False) is not None
         return cls(stages=stages, compute=lambda s, b, l, c: model.stage_compute(b, l, c, s == 0, s == stages - 1),
                    send=model.send_time, forward_fraction=model.forward_fraction, step=model.update_time,
-                   hidden_size=hidden_size, recompute=recompute, recompute_cost=_rerun(model))
+                   hidden_size=hidden_size, recompute=recompute, recompute_cost=_rerun(model),
+                   weight=(lambda s, b, l: model.weight_time(b, l, s == stages - 1)) if measured else None)
 
     @classmethod
     def identical_stages(cls, model, stages: int, hidden_size: int, recompute: str = "none") -> "CostModel":
         """TeraPipe's DP's reading: every stage the profiled one, a slice's sends inside its time."""
+        measured = model.weight_time(1, 1, False) is not None
         return cls(stages=stages, compute=lambda s, b, l, c: model.predict(b, l, c),
                    forward_fraction=model.forward_fraction, step=model.update_time, hidden_size=hidden_size,
-                   recompute=recompute, recompute_cost=_rerun(model))
+                   recompute=recompute, recompute_cost=_rerun(model),
+                   weight=(lambda s, b, l: model.weight_time(b, l, False)) if measured else None)
 
     def with_recompute(self, mode: str) -> "CostModel":
         """The same stages under recomputation ``mode``."""
@@ -155,6 +164,15 @@ class CostModel:
         forward, backward = self.scale[stage] if self.scale else (1.0, 1.0)
         rerun = self.recompute_cost[self.recompute](stage, b, l, c) if self.recompute != "none" else 0.0
         return t * self.forward_fraction * forward, t * (1 - self.forward_fraction) * backward + rerun * forward
+
+    def weight_time(self, stage: int, b, l) -> float:
+        """The W seconds of a unit of b sequences and l tokens on ``stage``, by the calibration's
+        backward factor (W is backward work), at most the backward itself."""
+        if self.weight is not None:
+            t = self.weight(stage, b, l)
+        else:
+            t = self.compute(stage, b, l, 0) * self.forward_fraction
+        return float(t) * (self.scale[stage][1] if self.scale else 1.0)
 
     def unit_times(self, plan: SlicePlan) -> Dict[Tuple[int, Unit], Tuple[float, float]]:
         """(forward, backward) seconds of every unit on every stage; ValueError where the model cannot
@@ -170,8 +188,10 @@ class CostModel:
         """The simulator's costs of ``plan``'s units."""
         times = self.unit_times(plan)
         sends = {unit: float(self.send(*plan.shape(unit))) for unit in plan.units()}
+        weights = {(stage, unit): min(self.weight_time(stage, *plan.shape(unit)), times[stage, unit][1])
+                   for stage, unit in times}
         return Costs(compute=lambda stage, a: times[stage, a.unit][0 if a.kind == FORWARD else 1],
-                     send=lambda a: sends[a.unit], step=self.step)
+                     send=lambda a: sends[a.unit], step=self.step, weight=lambda stage, a: weights[stage, a.unit])
 
     def simulate(self, schedule: str, micro_batches: int, plan: SlicePlan,
                  saved_bytes_per_token: Optional[Sequence[float]] = None) -> SimResult:

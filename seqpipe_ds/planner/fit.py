@@ -27,6 +27,12 @@ adds to a slice's backward as a multiple of its layers' forward (``recompute_ext
 profile's ``recompute`` rows), and ``recompute_bytes[mode]`` the profile's metered bytes of that
 mode (``profile.activation_bytes``). Models fitted before either was measured price "none" alone.
 
+Split backwards (``slice-zb``): ``weight_coef`` holds the W seconds, w0 + w1*b*l, of the stage's
+layers ("layers", from the profile's ``weight`` rows) and of the LM head ("last", from the
+``stage_ends`` rows); W is weight GEMMs, which do not read the context. ``weight_time`` is a
+stage's W; the rest of the backward is B. A model fitted before W was measured has none, and the
+cost model then takes Zero Bubble PP's t_W = t_F.
+
 The held-out check refits without a random part of the measured points and reports the relative
 error on them (the paper reports < 2%); the model returned is then refitted on every point.
 """
@@ -60,6 +66,7 @@ class LatencyModel:
     recompute_extra: Dict[str, float] = field(default_factory=dict)
     # Per recomputation mode ("none" too): its ``profile.saved_bytes_per_token`` (kept, transient, context).
     recompute_bytes: Dict[str, Dict] = field(default_factory=dict)
+    weight_coef: Dict[str, List[float]] = field(default_factory=dict)  # "layers"/"last": [w0, w1] of a split W
 
     def predict(self, b, l, c) -> np.ndarray:
         """Slice times (compute + sends) for arrays of b, l, c; inf outside the measured b and l."""
@@ -101,6 +108,16 @@ class LatencyModel:
                 e0, e1 = self.stage_ends[end]
                 t = t + e0 + e1 * b * l
         return t
+
+    def weight_time(self, b, l, last: bool) -> Optional[np.ndarray]:
+        """The W (weight-gradient) seconds of a slice's split backward on a stage: its layers', plus the
+        LM head's on the last stage; None where the profile did not measure it."""
+        if "layers" not in self.weight_coef:
+            return None
+        tokens = np.asarray(b, dtype=float) * np.asarray(l, dtype=float)
+        ends = [("layers", True), ("last", last)]
+        return sum(self.weight_coef[end][0] + self.weight_coef[end][1] * tokens
+                   for end, present in ends if present and end in self.weight_coef)
 
     def send_time(self, b, l) -> np.ndarray:
         """One activation (or its gradient) of b sequences and l tokens, between neighbour stages."""
@@ -155,7 +172,8 @@ def fit_profile(profile: Dict, holdout: float = 0.2, seed: int = 0) -> FitReport
                   forward_fraction=_forward_fraction(profile),
                   saved_bytes_per_token=dict(profile.get("saved_bytes_per_token") or {}),
                   recompute_extra=recompute_extra(profile.get("recompute") or []),
-                  recompute_bytes=dict(profile.get("recompute_bytes") or {}))
+                  recompute_bytes=dict(profile.get("recompute_bytes") or {}),
+                  weight_coef=weight_coef(profile))
     trial = _fit_compute(b[~check], l[~check], c[~check], t[~check], shared)
     error = np.abs(trial.compute_time(b[check], l[check], c[check]) - t[check]) / t[check]
     return FitReport(model=_fit_compute(b, l, c, t, shared),
@@ -287,6 +305,14 @@ def _fit_tokens(rows: List[Dict]) -> List[float]:
     if tokens.size < 2 or np.unique(tokens).size < 2:
         raise ValueError("a stage end needs measurements at >= 2 token counts")
     return [float(v) for v in _relative_lstsq(np.stack([np.ones_like(tokens), tokens], axis=1), t, t)]
+
+
+def weight_coef(profile: Dict) -> Dict[str, List[float]]:
+    """[w0, w1] of the W seconds, w0 + w1 * b * l, of the layers and of the last stage's head, fitted
+    to the profile's split-backward rows, each >= 0 (empty for a profile without them)."""
+    rows = {"layers": profile.get("weight") or [], "last": (profile.get("stage_ends") or {}).get("last") or []}
+    return {end: [max(0.0, v) for v in _fit_tokens([{**row, "time": row["weight"]} for row in found])]
+            for end, found in rows.items() if found and all("weight" in row for row in found)}
 
 
 def recompute_extra(rows: List[Dict]) -> Dict[str, float]:

@@ -25,6 +25,10 @@ half), which the fit turns into the rerun's cost as a multiple of the forward; a
 bytes are metered (``activation_bytes``: kept per token, the transient of a backward, a cached
 token's K/V).
 
+Split backwards (``slice-zb``): at the same few points the stage's backward also runs split, B under
+``model.wgrad.deferring`` and then its W, and W is timed on its own (``weight``: the stage's layers;
+the head's W in ``stage_ends``), which the fit makes linear in the tokens.
+
 Run in an initialised process group (``bind_device()``, then ``seqpipe_ds.parallel.initialize(tp)``
 with a timeout longer than the profile): the TP group of rank 0 measures the stage together,
 other ranks wait. p2p is a ping-pong between ranks 0 and 1
@@ -46,7 +50,7 @@ from tqdm import tqdm
 
 from ..attention import KVCache
 from ..memory import SavedTensorMeter
-from ..model import GPTConfig, TransformerLayer
+from ..model import GPTConfig, TransformerLayer, wgrad
 from ..model.layers import FINAL_NORMS, EmbeddingPipe, GPTLoss, OutputLayer, lm_head
 from ..model.presets import options
 from .recompute import RECOMPUTE_MODES, granularity
@@ -142,7 +146,7 @@ class _Bench:
     point's median alike instead of a few points a lot), with one shared progress bar. A point is
     a tuple named by ``fields`` in its row."""
 
-    def __init__(self, spec: ProfileSpec, time_point: Callable[[Tuple], Tuple[float, float]], bar: tqdm,
+    def __init__(self, spec: ProfileSpec, time_point: Callable[[Tuple], Tuple[float, ...]], bar: tqdm,
                  fields: Tuple[str, ...] = ("b", "l", "c")):
         self.spec, self.time_point, self.bar, self.fields = spec, time_point, bar, fields
         self.rows: Dict[Tuple, Dict] = {}
@@ -160,9 +164,10 @@ class _Bench:
                 if run >= self.spec.warmup:
                     samples[point].append(elapsed)
                 self.bar.update()
-        for point, times in samples.items():
-            self.rows[point] = {**dict(zip(self.fields, point)), "time": statistics.median(t for t, _ in times),
-                                "forward": statistics.median(f for _, f in times), "samples": [t for t, _ in times]}
+        for point, times in samples.items():  # (total, forward[, weight]) per repeat
+            names = ("time", "forward", "weight")[:len(times[0])]
+            parts = {name: statistics.median(t[k] for t in times) for k, name in enumerate(names)}
+            self.rows[point] = {**dict(zip(self.fields, point)), **parts, "samples": [t[0] for t in times]}
 
     def time(self, point: Point) -> float:
         return self.rows[point]["time"]
@@ -197,6 +202,7 @@ def run_profile(spec: ProfileSpec, progress: bool = True) -> Dict:
             stages = {"none": stage, **{mode: stage_modules(spec, device, mode)[0] for mode in spec.recompute_modes}}
             if spec.recompute_modes:
                 profile["recompute"] = recompute_rows(spec, stages, device, sync, bar)
+            profile["weight"] = weight_rows(spec, stage, device, sync, bar)
             if ends is not None:
                 profile["stage_ends"] = ends.profile(spec, sync, bar)
                 profile["recompute_bytes"] = {mode: activation_bytes(layers, ends, spec.seq_length)
@@ -241,6 +247,14 @@ def recompute_rows(spec: ProfileSpec, stages: Dict[str, torch.nn.Module], device
     bench = _Bench(spec, lambda p: _time_slice(stages[p[0]], *p[1:], spec, device, sync), bar,
                    fields=("recompute", "b", "l", "c"))
     bench.measure([(mode, *point) for point in recompute_points(spec) for mode in stages], "recomputation")
+    return list(bench.rows.values())
+
+
+def weight_rows(spec: ProfileSpec, stage: torch.nn.Module, device, sync: Callable, bar: tqdm) -> List[Dict]:
+    """The stage's layers with the backward split, at ``recompute_points``: rows with the total, the
+    forward and the W (``weight``) seconds."""
+    bench = _Bench(spec, lambda p: _time_slice(stage, *p, spec, device, sync, split=True), bar)
+    bench.measure(recompute_points(spec), "split backward (B, W)")
     return list(bench.rows.values())
 
 
@@ -322,7 +336,8 @@ class StageEnds(torch.nn.Module):
                     if run >= spec.warmup:
                         times.append(elapsed)
                     bar.update()
-                rows[end].append({"b": b, "l": l, "time": statistics.median(times)})
+                rows[end].append({"b": b, "l": l, "time": statistics.median(t for t, _ in times),
+                                  "weight": statistics.median(w for _, w in times)})
         return rows
 
     def inputs(self, b: int, l: int):
@@ -332,17 +347,25 @@ class StageEnds(torch.nn.Module):
                              requires_grad=True)
         return tokens, torch.arange(l, device=device).expand(b, l), hidden
 
-    def _time(self, end: str, b: int, l: int, sync) -> float:
+    def _time(self, end: str, b: int, l: int, sync) -> Tuple[float, float]:
+        """(forward + backward, W) seconds, the backward split (B, then the deferred W): the head's W
+        is its weight GEMM; the embedding has none."""
         tokens, positions, hidden = self.inputs(b, l)
+        queue = wgrad.WeightGrads()
         sync()
         start = time.perf_counter()
-        if end == "first":
-            out = self.first(tokens, positions)
-            out.backward(torch.ones_like(out))
-        else:
-            self.last(hidden, tokens).backward()
+        with wgrad.deferring(queue):
+            if end == "first":
+                out = self.first(tokens, positions)
+                out.backward(torch.ones_like(out))
+            else:
+                self.last(hidden, tokens).backward()
         sync()
-        return time.perf_counter() - start
+        weight_start = time.perf_counter()
+        queue.run()
+        sync()
+        end_time = time.perf_counter()
+        return end_time - start, end_time - weight_start
 
 
 def saved_bytes_per_token(stage, ends: StageEnds, seq_length: int) -> Dict[str, float]:
@@ -426,8 +449,10 @@ def measure_p2p(sizes: List[int], warmup: int, repeats: int, device: torch.devic
     return results
 
 
-def _time_slice(stage, b: int, l: int, c: int, spec: ProfileSpec, device, sync: Callable) -> Tuple[float, float]:
-    """(forward + backward, forward) of the slice, after an untimed context forward that fills the cache."""
+def _time_slice(stage, b: int, l: int, c: int, spec: ProfileSpec, device, sync: Callable,
+                split: bool = False) -> Tuple[float, ...]:
+    """(forward + backward, forward) of the slice, after an untimed context forward that fills the
+    cache; ``split``: the backward as B and then W, and W's seconds as a third value."""
     dtype = DTYPES[spec.dtype]
     cache = KVCache()
     if c:
@@ -442,9 +467,19 @@ def _time_slice(stage, b: int, l: int, c: int, spec: ProfileSpec, device, sync: 
         out = stage(x)
     sync()
     forward = time.perf_counter() - start
-    torch.autograd.backward(*cache.backward_args(index, [out], [grad]))
+    if not split:
+        torch.autograd.backward(*cache.backward_args(index, [out], [grad]))
+        sync()
+        return time.perf_counter() - start, forward
+    queue = wgrad.WeightGrads()
+    with wgrad.deferring(queue):
+        torch.autograd.backward(*cache.backward_args(index, [out], [grad]))
     sync()
-    return time.perf_counter() - start, forward
+    weight_start = time.perf_counter()
+    queue.run()
+    sync()
+    end = time.perf_counter()
+    return end - start, forward, end - weight_start
 
 
 def _time_optimizer(parameters: List[torch.Tensor], spec: ProfileSpec, sync: Callable) -> float:
