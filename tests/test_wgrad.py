@@ -174,6 +174,23 @@ def _hooks(module, batch):
     return dict(in_b=in_b, in_w=[kind for kind, _ in fired], same=all(torch.equal(g, weight.grad) for _, g in fired))
 
 
+def _other_thread(module, batch):
+    """A backward on another thread than the one inside ``deferring`` queues too (on a GPU autograd
+    runs it on a device thread, where the caller's ContextVars are not set): how many it queued."""
+    import threading
+
+    from seqpipe_ds.model import wgrad
+    module.zero_grad(set_to_none=True)
+    with _samples():
+        _, _, loss = _forward(module, *batch)
+    queue = wgrad.WeightGrads()
+    with wgrad.deferring(queue):
+        thread = threading.Thread(target=loss.backward)
+        thread.start()
+        thread.join()
+    return len(queue)
+
+
 def _outside_deferring():
     """An installed layer outside ``deferring`` is megatron-core's, bit for bit; with gradient
     accumulation fusion (a stand-in for the CUDA kernel) W adds into main_grad as megatron does."""
@@ -242,6 +259,7 @@ def check_all(tp, sequence_parallel):
     if tp == 1:
         module = _model(tp, untie_embeddings_and_output_weights=True)
         result["hooks"] = _hooks(module, batch)
+        result["other thread"] = _other_thread(module, batch)
         module = _model(tp, torch.bfloat16, untie_embeddings_and_output_weights=True, swiglu=True,
                         add_bias_linear=False)
         result["bf16 unit"] = _compare_unit(module, batch)
@@ -252,17 +270,17 @@ def check_all(tp, sequence_parallel):
 
 @pytest.fixture(scope="module")
 def tp1():
-    return [launcher.run(check_all, 1, timeout=200, tp=1, sequence_parallel=False)[0]]
+    return [launcher.run(check_all, 1, timeout=300, tp=1, sequence_parallel=False)[0]]
 
 
 @pytest.fixture(scope="module")
 def tp2():
-    return launcher.run(check_all, 2, timeout=240, tp=2, sequence_parallel=False)
+    return launcher.run(check_all, 2, timeout=360, tp=2, sequence_parallel=False)
 
 
 @pytest.fixture(scope="module")
 def tp2_sp():
-    return launcher.run(check_all, 2, timeout=240, tp=2, sequence_parallel=True)
+    return launcher.run(check_all, 2, timeout=360, tp=2, sequence_parallel=True)
 
 
 def _assert_layout(ranks):
@@ -275,22 +293,22 @@ def _assert_layout(ranks):
             assert worst <= 1e-12, (rank, granularity, worst)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_single_process_float64(tp1):
     _assert_layout(tp1)
 
 
-@pytest.mark.timeout(280)
+@pytest.mark.timeout(420)
 def test_tensor_parallel(tp2):
     _assert_layout(tp2)
 
 
-@pytest.mark.timeout(280)
+@pytest.mark.timeout(420)
 def test_tensor_and_sequence_parallel(tp2_sp):
     _assert_layout(tp2_sp)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_bf16(tp1):
     result = tp1[0]
     assert result["bf16 unit"] == []
@@ -298,13 +316,18 @@ def test_bf16(tp1):
     assert problems == []
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_hooks_fire_with_the_gradient_when_w_runs(tp1):
     hooks = tp1[0]["hooks"]
     assert hooks == dict(in_b=[("hook", True), ("post", True)], in_w=["hook", "post"], same=True)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
+def test_a_backward_on_another_thread_queues(tp1):
+    assert tp1[0]["other thread"] == 4 * tiny_config().num_layers + 1
+
+
+@pytest.mark.timeout(360)
 def test_outside_deferring_is_megatron_and_fusion_adds_into_main_grad(tp1):
     outside = tp1[0]["outside"]
     assert outside["identical"]

@@ -9,6 +9,11 @@ gradient at once, and appends its weight gradient's operands to ``queue``; ``que
 them later and accumulates them through autograd into the weights. Outside ``deferring`` the
 backward is megatron-core's own, unchanged.
 
+Hooks on a deferred weight (``register_hook``, post-accumulate-grad hooks, hooks on its gradient
+accumulator) fire in ``run()`` with its gradient. Autograd calls them in B too, with no gradient
+(None, ``.grad`` unchanged), as for any function that returns none for a weight (megatron-core's
+gradient-accumulation fusion does the same).
+
 The active queue is a module global, not a ContextVar: autograd may run a backward on a device
 thread where the caller's ContextVars are not set, and megatron's recomputation reruns layers inside
 the backward, whose linear backwards must queue too. It is therefore one per process, which fits one
