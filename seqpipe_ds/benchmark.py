@@ -33,7 +33,7 @@ import seqpipe_ds
 from seqpipe_ds import parallel
 from seqpipe_ds.data import corpus_documents, document_starts, packed_stream
 from seqpipe_ds.memory import SavedTensorMeter
-from seqpipe_ds.model import GPTConfig, gpt_pipeline
+from seqpipe_ds.model import GPTConfig, gpt_pipeline, wgrad
 
 
 def _ds_config(spec, variant):
@@ -142,8 +142,9 @@ def _measure(spec, engines, batches):
             dist.all_gather_object(gathered, local)
             traces[name] = [row for rows in gathered for row in rows]
     engine, name = next(iter(engines.values())), next(iter(engines))
+    kept, held = _probe_bytes_per_token(engine, batches[name][0])
     return {"saved_peak_bytes": saved, "trace": traces, "model_state_bytes": states,
-            "saved_bytes_per_token": _per_stage(engine, _probe_bytes_per_token(engine, batches[name][0]))}
+            "saved_bytes_per_token": _per_stage(engine, kept), "weight_bytes_per_token": _per_stage(engine, held)}
 
 
 def _model_state_bytes(engine):
@@ -158,7 +159,9 @@ def _model_state_bytes(engine):
 
 
 def _probe_bytes_per_token(engine, batch):
-    """Bytes this stage saves for backward per token of one whole sequence (forward, and the loss on the last stage)."""
+    """Bytes this stage saves for backward per token of one whole sequence (forward, and the loss on
+    the last stage), and the bytes a split backward then holds for its W (``memory.held``); the
+    backward leaves the parameters' gradients alone (``autograd.grad``)."""
     (tokens, *rest), (labels, loss_mask) = batch
     seq = tokens.shape[1]
     module = engine.module
@@ -170,13 +173,20 @@ def _probe_bytes_per_token(engine, batch):
                              requires_grad=True)
         if len(rest) == 2:  # packed documents: the stage takes (hidden, document starts)
             inputs = (inputs, rest[1][:1].to(engine.device))
-    meter = SavedTensorMeter(module.parameters())
+    meter, queue = SavedTensorMeter(module.parameters()), wgrad.WeightGrads()
     with meter.hooks():
         out = module(inputs)
         if engine.is_last_stage():
             out = module.loss_fn(out, (labels[:1].to(engine.device), loss_mask[:1].to(engine.device)))
-    del out
-    return meter.peak / seq
+        kept = meter.peak
+        out = out[0] if isinstance(out, tuple) else out
+        wrt = [t for t in (*module.parameters(), *(inputs if isinstance(inputs, tuple) else (inputs,)))
+               if t.requires_grad]
+        with wgrad.deferring(queue):
+            torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+        del out
+        held = meter.current  # the graph is freed: what the queue keeps for W
+    return kept / seq, held / seq
 
 
 def main(argv=None):

@@ -5,7 +5,12 @@ Peak RSS on CPU mostly measures the allocator's caching; this counts what the gr
 run inside (the backward's unpacking included). Each storage counts once however many saved
 views share it (a slice's K/V saved by its own and by later slices' attention), and parameters
 do not count. A storage stops counting when the last graph that saved it is freed.
+
+A split backward (``model.wgrad``) keeps its W's operands, the linear layers' inputs and output
+gradients, after autograd has freed the graph: ``held(*tensors)`` counts them in every active
+meter the same way, until the handles it returns are dropped.
 """
+import contextlib
 from typing import Dict, Iterable, List
 
 import torch
@@ -19,8 +24,14 @@ class SavedTensorMeter:
         self.current = 0
         self.peak = 0
 
+    @contextlib.contextmanager
     def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        _active.append(self)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
+                yield self
+        finally:
+            _active.remove(self)
 
     def reset_peak(self) -> None:
         self.peak = self.current
@@ -55,6 +66,15 @@ class _Saved:
 
     def __del__(self):
         self.meter._release(self.ptr)
+
+
+_active: List[SavedTensorMeter] = []  # meters inside hooks(): what held() reports to (any thread)
+
+
+def held(*tensors: torch.Tensor) -> list:
+    """Counts ``tensors`` in every active meter as saved for a deferred backward; they count until
+    the returned handles are dropped."""
+    return [meter._pack(t) for meter in _active for t in tensors]
 
 
 def _unpack(saved):

@@ -74,3 +74,26 @@ def test_profile_times_w_inside_the_backward():
         rows = weight_rows(spec, stage, torch.device("cpu"), lambda: None, bar)
     assert [(r["b"], r["l"], r["c"]) for r in rows] == [(1, 32, 0), (1, 64, 0), (1, 32, 32)]
     assert all(0 < r["weight"] < r["time"] - r["forward"] for r in rows)
+
+
+@pytest.mark.timeout(120)
+def test_saved_tensor_meter_counts_w_buffers_until_w_runs():
+    from seqpipe_ds import parallel
+    from seqpipe_ds.memory import SavedTensorMeter
+    from seqpipe_ds.model import wgrad
+    parallel.initialize()
+    spec = ProfileSpec(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=32,
+                       micro_batch_size=1, granularity=16, recompute_modes=())
+    stage, _ = stage_modules(spec, torch.device("cpu"))
+    x = torch.randn(1, 32, 64, requires_grad=True)
+    meter, queue = SavedTensorMeter(stage.parameters()), wgrad.WeightGrads()
+    with meter.hooks():
+        out = stage(x)
+        kept = meter.current
+        with wgrad.deferring(queue):
+            out.backward(torch.ones_like(out))
+        del out
+        # the graph is gone; what is left is exactly what the queue holds for W, less than the forward kept
+        assert 0 < meter.current == queue.nbytes < kept
+        queue.run()
+        assert meter.current == 0 and len(queue) == 0

@@ -346,7 +346,8 @@ def _rows(args, variants, timing, ideal, model_file, documents):
         recompute = mode_of(variant["recompute"])
         attention = documents.dense_mask() if documents and variant["seqpipe"] is None else documents
         predictions[name] = simulated = predict_run(found, args.stages, schedule, micro_batches, plan,
-                                                    timing["saved_bytes_per_token"], recompute, attention)
+                                                    timing["saved_bytes_per_token"], recompute, attention,
+                                                    timing.get("weight_bytes_per_token"))
         predicted = simulated.makespan if found else None
         uncalibrated = predict_run(profile_only, args.stages, schedule, micro_batches, plan,
                                    timing["saved_bytes_per_token"], recompute, attention).makespan if found else None

@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 from megatron.core.parallel_state import get_global_memory_buffer
+
+from .. import memory
 from megatron.core.tensor_parallel import layers as mcore_layers
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
@@ -42,6 +44,7 @@ class _Deferred:
     tp_group: Optional[torch.distributed.ProcessGroup]
     accumulation_fusion: bool
     main_grad: Optional[torch.Tensor]
+    held: list = dataclasses.field(default_factory=list, repr=False)  # memory.held's handles, dropped with it
 
     def total_input(self) -> torch.Tensor:
         """The input of every token, 2-D: under sequence parallelism the forward gathered it from the TP
@@ -101,6 +104,8 @@ class WeightGrads:
         return sum(storages.values())
 
     def append(self, item: _Deferred) -> None:
+        # A saved-tensor meter counts the operands as what the unit holds until its W (memory.held).
+        item.held = memory.held(item.input, item.grad_output)
         self._queue.append(item)
 
     def run(self) -> None:

@@ -67,11 +67,12 @@ def slice_grid(time: Callable, batch_size: int, seq_len: int, granularity: int) 
 
 
 def simulate_plan(schedule: str, stages: int, micro_batches: int, plan: SlicePlan, costs: Optional[Costs] = None,
-                  saved_bytes_per_token: Optional[Sequence[float]] = None) -> SimResult:
+                  saved_bytes_per_token: Optional[Sequence[float]] = None,
+                  weight_bytes_per_token: Optional[Sequence[float]] = None) -> SimResult:
     """The simulated step of ``schedule`` running ``micro_batches`` micro-batches sliced by ``plan``
     (``costs`` None: nominal token costs, for the alive tokens alone)."""
     return simulate(lower(schedule, stages, micro_batches, _structure(plan)), plan, costs,
-                    bytes_per_token=saved_bytes_per_token)
+                    bytes_per_token=saved_bytes_per_token, weight_bytes_per_token=weight_bytes_per_token)
 
 
 def _structure(plan: SlicePlan) -> SlicePlan:

@@ -243,10 +243,11 @@ def variant_plan(variant: Mapping, stages: int, batch_size: int, seq_length: int
 
 def predict_run(found: Optional[ModelFile], stages: int, schedule: str, micro_batches: int, plan: SlicePlan,
                 saved_bytes_per_token: Sequence[float], recompute: str = "none",
-                documents: Optional[PackedDocuments] = None) -> SimResult:
+                documents: Optional[PackedDocuments] = None,
+                weight_bytes_per_token: Optional[Sequence[float]] = None) -> SimResult:
     """The simulated step of what a bench variant runs (``variant_plan``) under recomputation
     ``recompute``, with every stage's costs (nominal token costs without a model file; ``documents``:
     packed documents, their ``dense_mask()`` for stock DeepSpeed), and per stage the peak saved bytes
-    from the measured bytes per token."""
+    from the measured bytes per token (a split backward's W buffers by ``weight_bytes_per_token``)."""
     costs = cost_model(found, stages, recompute=recompute, documents=documents).costs(plan) if found else None
-    return simulate_plan(schedule, stages, micro_batches, plan, costs, saved_bytes_per_token)
+    return simulate_plan(schedule, stages, micro_batches, plan, costs, saved_bytes_per_token, weight_bytes_per_token)

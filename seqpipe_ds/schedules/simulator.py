@@ -66,7 +66,8 @@ class SimResult:
     makespan: float
     peak_alive_units: List[int]  # per stage: units forwarded and not yet backwarded, at the peak
     peak_alive_tokens: List[int]
-    peak_activation_bytes: Optional[List[float]]  # with bytes_per_token: the memory model's peak
+    # with bytes_per_token: the memory model's peak (plus, with weight_bytes_per_token, the W buffers held)
+    peak_activation_bytes: Optional[List[float]]
     # per stage: the most tokens whose W was pending at once (0 where the backward is not split)
     peak_pending_weight_tokens: List[int]
 
@@ -85,6 +86,16 @@ class _Stage:
         self.buffers = {"inputs": set(), "outputs": set(), "grads": set(), "wgrads": set()}
         self.alive_units = self.alive_tokens = self.peak_units = self.peak_tokens = 0
         self.pending_tokens = self.peak_pending = 0
+        self.rates, self.peak_bytes = None, 0.0  # (bytes per alive token, per pending-W token), their peak
+
+    def count(self):
+        """Updates the peaks after a unit starts or stops holding memory."""
+        self.peak_units, self.peak_tokens = max(self.peak_units, self.alive_units), max(self.peak_tokens,
+                                                                                        self.alive_tokens)
+        self.peak_pending = max(self.peak_pending, self.pending_tokens)
+        if self.rates is not None:
+            self.peak_bytes = max(self.peak_bytes, self.alive_tokens * self.rates[0]
+                                  + self.pending_tokens * self.rates[1])
 
     @property
     def current(self) -> Optional[Action]:
@@ -106,8 +117,12 @@ class _Stage:
 
 def simulate(programs: Sequence[Sequence[Action]], plan: SlicePlan, costs: Optional[Costs] = None,
              rendezvous: bool = False, bytes_per_token: Optional[Sequence[float]] = None,
-             on_deadlock: Optional[Callable[[List[List[Action]], List[int]], bool]] = None) -> SimResult:
+             on_deadlock: Optional[Callable[[List[List[Action]], List[int]], bool]] = None,
+             weight_bytes_per_token: Optional[Sequence[float]] = None) -> SimResult:
     """Runs the programs together; raises ScheduleError for anything the engine could not run.
+
+    ``bytes_per_token[stage]``: what a forwarded token holds until its B; with
+    ``weight_bytes_per_token[stage]``, what a token of a split backward holds from its B to its W.
 
     ``on_deadlock(programs, pcs)`` (for the lowering) may rewrite the not yet executed part of the
     programs when no stage can move on, and return True to continue.
@@ -115,6 +130,9 @@ def simulate(programs: Sequence[Sequence[Action]], plan: SlicePlan, costs: Optio
     costs = costs or token_costs(plan)
     stages = len(programs)
     sts = [_Stage(s, stages, p) for s, p in enumerate(programs)]
+    if bytes_per_token is not None:
+        for st in sts:
+            st.rates = (bytes_per_token[st.sid], weight_bytes_per_token[st.sid] if weight_bytes_per_token else 0.0)
     channels: Dict[tuple, deque] = defaultdict(deque)  # (src, dst, kind) -> [(key, arrival)]
     segments: List[Segment] = []
     units = plan.units()
@@ -137,7 +155,8 @@ def simulate(programs: Sequence[Sequence[Action]], plan: SlicePlan, costs: Optio
                     break
                 st.pc += 1
                 progressed = True
-        if not progressed and on_deadlock is not None and on_deadlock([st.program for st in sts], [st.pc for st in sts]):
+        if not progressed and on_deadlock is not None and \
+                on_deadlock([st.program for st in sts], [st.pc for st in sts]):
             continue
         if not progressed:
             waits = "; ".join(f"stage {st.sid} waits at {st.current}" for st in sts if st.current is not None)
@@ -155,9 +174,7 @@ def simulate(programs: Sequence[Sequence[Action]], plan: SlicePlan, costs: Optio
     unreceived = {k: [str(key) for key, _ in q] for k, q in channels.items() if q}
     if unreceived:
         raise ScheduleError(f"messages sent but never received: {unreceived}")
-    peak_bytes = None
-    if bytes_per_token is not None:
-        peak_bytes = [st.peak_tokens * bytes_per_token[st.sid] for st in sts]
+    peak_bytes = [st.peak_bytes for st in sts] if bytes_per_token is not None else None
     return SimResult([st.program for st in sts], segments, max((s.end for s in segments), default=0.0),
                      [st.peak_units for st in sts], [st.peak_tokens for st in sts], peak_bytes,
                      [st.peak_pending for st in sts])
@@ -188,7 +205,7 @@ def _local(st: _Stage, action: Action, plan, costs, units, micro_batches, segmen
             st.put("outputs", key)
         tokens = plan.tokens(action.unit)
         st.alive_units, st.alive_tokens = st.alive_units + 1, st.alive_tokens + tokens
-        st.peak_units, st.peak_tokens = max(st.peak_units, st.alive_units), max(st.peak_tokens, st.alive_tokens)
+        st.count()
         duration = costs.compute(st.sid, action)
     elif action.kind == BACKWARD:
         m, b, s = key
@@ -207,7 +224,7 @@ def _local(st: _Stage, action: Action, plan, costs, units, micro_batches, segmen
         if st.splits:
             st.put("wgrads", key)
             st.pending_tokens += tokens
-            st.peak_pending = max(st.peak_pending, st.pending_tokens)
+            st.count()
             duration -= costs.weight(st.sid, action)
     elif action.kind == WEIGHT:
         if key not in st.backwarded or key in st.weighted:
