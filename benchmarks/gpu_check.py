@@ -5,7 +5,9 @@ the same code on CPU at toy sizes (the test suite does, so that it cannot rot un
 1. Block attention alone (``attend`` inside a cache) against SDPA with a bottom-right causal mask
    over the concatenated K/V, then a small GPT (embedding, 2 layers, tied head, loss) run whole
    and in uneven slices: loss and every parameter gradient, fp32 (rel <= 1e-5) and bf16 (rel <=
-   1e-2 on outputs/loss, 5e-2 on gradients, the bounds of the engine's bf16 exactness tests).
+   1e-2 on outputs/loss, 5e-2 on gradients, the bounds of the engine's bf16 exactness tests); and
+   the same slices with the backward split (``slice-zb``'s B under ``wgrad.deferring``, every W
+   after the last B), which on CUDA runs the linear backwards on autograd's device thread.
 2. One GPT3-1B layer (hidden 2048, 16 heads, seq 2048, bf16; TeraPipe's setting 1 model): summed
    per-slice forward + backward time over the unsliced time for k = 1, 2, 4, 8, 16 slices.
 
@@ -13,6 +15,7 @@ Usage: python benchmarks/gpu_check.py [--device cuda|cpu] [--tiny] [--out FILE]
 Exits non-zero when a check fails; the JSON holds every measured error and time either way.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -71,9 +74,11 @@ def check_blocks(device, dtype, lengths, heads=4, kv_heads=2, head_dim=64):
             "grad": max(rel_err(a, b) for a, b in zip(got[1:], want[1:]))}
 
 
-def gpt_step(module, batch, lengths=None):
-    """Loss and parameter gradients of one step, whole (lengths None) or slice by slice."""
+def gpt_step(module, batch, lengths=None, split=False):
+    """Loss and parameter gradients of one step, whole (lengths None) or slice by slice; ``split``:
+    each slice's backward as B, its W queued and run after every B."""
     from seqpipe_ds.attention import KVCache
+    from seqpipe_ds.model import wgrad
     module.zero_grad(set_to_none=True)
     inputs, labels = batch
     if lengths is None:
@@ -87,14 +92,19 @@ def gpt_step(module, batch, lengths=None):
             with cache.slice(j):
                 logits = module(tuple(t[j] for t in split[0]))
             losses.append(module.loss_fn(logits, tuple(t[j] for t in split[1]), normalizer=normalizer))
+        queues = []
         for j in reversed(range(len(lengths))):
-            torch.autograd.backward(*cache.backward_args(j, [losses[j]], [None]))
+            queues.append(wgrad.WeightGrads())
+            with wgrad.deferring(queues[-1]) if split else contextlib.nullcontext():
+                torch.autograd.backward(*cache.backward_args(j, [losses[j]], [None]))
             cache.release(j)
+        for queue in queues:
+            queue.run()
         loss = sum(l.detach() for l in losses)
     return loss.detach().float(), {n: p.grad.float() for n, p in module.named_parameters()}
 
 
-def check_gpt(topology, device, dtype, hidden, heads, seq, batch, slices):
+def check_gpt(topology, device, dtype, hidden, heads, seq, batch, slices, split=False):
     from seqpipe_ds.model import GPTConfig, gpt_pipeline
     config = GPTConfig(num_layers=2, hidden_size=hidden, num_attention_heads=heads, vocab_size=128,
                        max_position_embeddings=seq, params_dtype=dtype)
@@ -105,7 +115,7 @@ def check_gpt(topology, device, dtype, hidden, heads, seq, batch, slices):
     batch = tuple(tuple(t.contiguous().to(device) for t in part) for part in
                   ((data[:, :-1], positions), (data[:, 1:], torch.ones(batch, seq))))
     loss, grads = gpt_step(module, batch)
-    s_loss, s_grads = gpt_step(module, batch, slices)
+    s_loss, s_grads = gpt_step(module, batch, slices, split)
     return {"out": rel_err(s_loss, loss), "grad": max(rel_err(s_grads[n], grads[n]) for n in grads),
             "tensors": len(grads)}
 
@@ -131,6 +141,7 @@ def main(argv=None) -> int:
         for name, dtype in DTYPES.items():
             report["checks"][f"blocks {name}"] = check_blocks(device, dtype, sizes["gpt"]["slices"])
             report["checks"][f"gpt {name}"] = check_gpt(topology, device, dtype, **sizes["gpt"])
+            report["checks"][f"gpt split {name}"] = check_gpt(topology, device, dtype, **sizes["gpt"], split=True)
         report["check_seconds"] = time.perf_counter() - start
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         layer = sizes["layer"]

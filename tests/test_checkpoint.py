@@ -23,6 +23,7 @@ from megatron.core import tensor_parallel
 
 import launcher
 from seqpipe_ds import checkpoint, megatron_args
+from seqpipe_ds.schedules import SCHEDULES
 from test_example import EXAMPLE, LAUNCH_TIMEOUT, PIPELINE, SEQPIPE, TINY_GPT, finish, free_port, start, train, \
     write_ds_config
 
@@ -115,6 +116,19 @@ def test_resume_with_dropout_is_bit_identical(dropout_run, tmp_path):
     source = copy_tag(ckpt, "global_step2", tmp_path / "ckpt")
     resumed, _ = train(tmp_path, "resumed", SEQPIPE, [*DROPOUT, "--load", str(source)])
     assert resumed["loss"] == {i: whole[i] for i in (3, 4)}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("schedule", [name for name in SCHEDULES if name != SEQPIPE["schedule"]])
+def test_resume_under_every_schedule_is_bit_identical(schedule, tmp_path):
+    """The other registered schedules (the fixture runs SEQPIPE's): nothing of a step, a deferred
+    weight gradient neither, is left pending across a checkpoint."""
+    config = {**SEQPIPE, "schedule": schedule}
+    ckpt = tmp_path / "ckpt"
+    whole, _ = train(tmp_path, "whole", config, [*DROPOUT, "--save", str(ckpt), "--save-interval", "2"])
+    source = copy_tag(ckpt, "global_step2", tmp_path / "source")
+    resumed, _ = train(tmp_path, "resumed", config, [*DROPOUT, "--load", str(source)])
+    assert len(whole["loss"]) == 4 and resumed["loss"] == {i: whole["loss"][i] for i in (3, 4)}
 
 
 @pytest.mark.timeout(600)

@@ -81,7 +81,7 @@ def _recording(initialize, norms, direct, **kwargs):
 @pytest.fixture(scope="module")
 def results():
     """{(layout, case index): {"reference": ..., variant index: ...}}; "norms" holds every rank's list."""
-    raw = engine_cases.run_layouts(LAYOUTS, train_recording_norms, timeout=420)
+    raw = engine_cases.run_layouts(LAYOUTS, train_recording_norms, timeout=900)
     out = {}
     for key, runs in raw.items():
         (ref,) = runs.pop("reference")

@@ -3,9 +3,10 @@ import textwrap
 from typing import Sequence, Tuple
 
 from ..schedules import Segment
-from ..schedules.actions import BACKWARD, FORWARD, STEP
+from ..schedules.actions import BACKWARD, FORWARD, STEP, WEIGHT
 
-COLORS = {FORWARD: ("tab:blue", "forward"), BACKWARD: ("tab:orange", "backward"), STEP: ("tab:gray", "step")}
+COLORS = {FORWARD: ("tab:blue", "forward"), BACKWARD: ("tab:orange", "backward"),
+          WEIGHT: ("tab:green", "weight gradient (W)"), STEP: ("tab:gray", "step")}
 
 
 def draw_gantt(panels: Sequence[Tuple[str, Sequence[Segment]]], path: str) -> None:
