@@ -95,5 +95,8 @@ def test_saved_tensor_meter_counts_w_buffers_until_w_runs():
         del out
         # the graph is gone; what is left is exactly what the queue holds for W, less than the forward kept
         assert 0 < meter.current == queue.nbytes < kept
+        assert all(p.grad is None for name, p in stage.named_parameters() if name.endswith("linear_fc2.weight"))
         queue.run()
         assert meter.current == 0 and len(queue) == 0
+    # W reached the parameters themselves, though the hooks handed the backward other tensor objects
+    assert all(p.grad is not None for p in stage.parameters())

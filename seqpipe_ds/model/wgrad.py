@@ -130,7 +130,15 @@ def deferring(queue: WeightGrads):
 
 
 class DeferrableLinear(mcore_layers.LinearWithGradAccumulationAndAsyncCommunication):
-    """megatron-core's linear function (its forward, inherited) whose backward can queue W."""
+    """megatron-core's linear function (its forward) whose backward can queue W."""
+
+    @staticmethod
+    def forward(ctx, input, weight, *args):
+        # W accumulates into the parameter object itself: under saved-tensor hooks (activation
+        # offloading, a memory meter) ctx.saved_tensors hands back another tensor for it, whose .grad
+        # is not the parameter's.
+        ctx.parameter = weight
+        return mcore_layers.LinearWithGradAccumulationAndAsyncCommunication.forward(ctx, input, weight, *args)
 
     @staticmethod
     @mcore_layers.custom_bwd
@@ -150,7 +158,7 @@ class DeferrableLinear(mcore_layers.LinearWithGradAccumulationAndAsyncCommunicat
             torch.distributed.all_reduce(grad_input, group=ctx.tp_group)
         grad_output = grad_output.contiguous()
         grad_output = grad_output.view(-1, grad_output.shape[-1])
-        queue.append(_Deferred(weight, input, grad_output, ctx.sequence_parallel, ctx.tp_group,
+        queue.append(_Deferred(ctx.parameter, input, grad_output, ctx.sequence_parallel, ctx.tp_group,
                                ctx.gradient_accumulation_fusion, ctx.main_grad))
         grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
         return grad_input, None, grad_bias, None, None, None, None, None, None
