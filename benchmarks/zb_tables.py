@@ -7,8 +7,10 @@ with k uniform slices, at 4 and 8 stages; each step as a fraction of the bubble-
 The latency model is the one ``seqpipe-bench`` (or ``seqpipe-plan fit``) fitted on this machine, with
 its measured W. Every stage runs the profiled stage's layers, the first adds the embedding and the
 last the LM head and loss (``CostModel.from_latency_model``); sends are the measured p2p times. The
-ideal is the fullest stage's compute alone (every F, B and W of the step, no sends, no waiting); the
-optimizer step is left out of both. These are predictions of the one cost model, not measurements.
+ideal is the fullest stage's compute alone (every F, B and W of the step, no sends, no waiting), of
+the row's own slicing (slices cost a little more in all than the whole sequence: "x stock" compares
+the steps themselves); the optimizer step is left out. These are predictions of the one cost model,
+not measurements.
 """
 import argparse
 from dataclasses import replace
@@ -51,9 +53,11 @@ def main(argv=None):
         costs = replace(CostModel.from_latency_model(found.model, stages, config["hidden_size"]), step=0.0)
         for m in args.micro_batches:
             print(f"\n{stages} stages, {m} micro-batch(es) of one sequence")
-            print(f"{'schedule':<18} {'slices':>6} {'of ideal':>9} {'step s':>9} {'ideal s':>9}")
-            for name, k, fraction, makespan, ideal in table(costs, seq, m, args.slices):
-                print(f"{name:<18} {k:>6} {fraction:>9.3f} {makespan:>9.3f} {ideal:>9.3f}")
+            print(f"{'schedule':<18} {'slices':>6} {'of ideal':>9} {'x stock':>8} {'step s':>9} {'ideal s':>9}")
+            rows = table(costs, seq, m, args.slices)
+            for name, k, fraction, makespan, ideal in rows:
+                print(f"{name:<18} {k:>6} {fraction:>9.3f} {rows[0][3] / makespan:>7.2f}x {makespan:>9.3f} "
+                      f"{ideal:>9.3f}")
 
 
 if __name__ == "__main__":
