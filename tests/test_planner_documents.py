@@ -18,7 +18,7 @@ from seqpipe_ds.planner.fit import fit_profile, read_model_file
 from seqpipe_ds.planner.plan_file import read_plans
 from seqpipe_ds.planner.planning import dp_plan, simulate_entry
 from test_planner_fit import synthetic_profile
-from test_planner_plan_file import hook_config, tiny_plan_file
+from test_planner_plan_file import resolve_for_models, tiny_plan_file
 
 EOD = ByteTokenizer.eod
 EPS = np.finfo(np.float64).eps
@@ -165,24 +165,6 @@ def test_solve_with_documents_records_them_and_show_reproduces_the_latency(tmp_p
     assert "give the end-of-document id of its tokenizer (--eod)" in capsys.readouterr().err
 
 
-def _resolve_for_documents(plan_path, flags):
-    """One process, one stage: the slicing the hook resolves for a model built with each
-    reset_attention_mask, or its error."""
-    import seqpipe_ds
-    from common import tiny_config
-    from seqpipe_ds import parallel
-    from seqpipe_ds.model import gpt_pipeline
-    topology = parallel.initialize(pipeline_parallel_size=1)
-    resolved = []
-    for flag in flags:
-        model = gpt_pipeline(tiny_config(reset_attention_mask=flag), topology)
-        try:
-            resolved.append(list(seqpipe_ds.resolve(hook_config(plan_path), model)[0].seq_slices[0]))
-        except ValueError as e:
-            resolved.append(str(e))
-    return resolved
-
-
 @pytest.mark.timeout(120)
 def test_hook_refuses_a_plan_made_for_the_other_attention(tmp_path):
     lengths = DocumentLengths.of([5, 9], 16).to_dict()
@@ -190,9 +172,11 @@ def test_hook_refuses_a_plan_made_for_the_other_attention(tmp_path):
     (tmp_path / "b").mkdir()
     documents = tiny_plan_file(tmp_path / "a", [8, 8], schedule="slice-1f1b", documents=lengths)
     causal = tiny_plan_file(tmp_path / "b", [8, 8], schedule="slice-1f1b")
-    refused, accepted = launcher.run(_resolve_for_documents, 1, plan_path=documents, flags=[False, True])[0]
+    refused, accepted = launcher.run(resolve_for_models, 1, plan_path=documents,
+                                     models=[{"reset_attention_mask": f} for f in (False, True)])[0]
     assert "was made for packed documents, but the model is built without reset_attention_mask" in refused
     assert accepted == [8, 8]
-    refused, accepted = launcher.run(_resolve_for_documents, 1, plan_path=causal, flags=[True, False])[0]
+    refused, accepted = launcher.run(resolve_for_models, 1, plan_path=causal,
+                                     models=[{"reset_attention_mask": f} for f in (True, False)])[0]
     assert "was made for causal attention, but the model is built with reset_attention_mask" in refused
     assert "--documents DATA" in refused and accepted == [8, 8]

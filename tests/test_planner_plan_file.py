@@ -179,6 +179,24 @@ def tiny_plan_file(tmp_path, input_slices, **fields) -> str:
     return plan_path
 
 
+def resolve_for_models(plan_path, models):
+    """One process, one stage: the slicing the hook resolves from ``plan_path`` for a tiny GPT built
+    with each of ``models`` (GPTConfig overrides), or the error it raises."""
+    import seqpipe_ds
+    from common import tiny_config
+    from seqpipe_ds import parallel
+    from seqpipe_ds.model import gpt_pipeline
+    topology = parallel.initialize(pipeline_parallel_size=1)
+    resolved = []
+    for overrides in models:
+        model = gpt_pipeline(tiny_config(**overrides), topology)
+        try:
+            resolved.append(list(seqpipe_ds.resolve(hook_config(plan_path), model)[0].seq_slices[0]))
+        except ValueError as e:
+            resolved.append(str(e))
+    return resolved
+
+
 def hook_config(plan_path, **seqpipe):
     return {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2,
             "seqpipe": {"enabled": True, "seq_length": 16, "plan": plan_path, **seqpipe}}

@@ -17,7 +17,7 @@ from seqpipe_ds.planner.plan_file import PlanFileError, read_plans
 from seqpipe_ds.planner.recompute import RECOMPUTE_MODES
 from seqpipe_ds.planner.search import NoFit, fastest_fitting, search, stock_candidates
 from test_planner_memory import MODEL, SEQ, measure
-from test_planner_plan_file import hook_config, tiny_plan_file
+from test_planner_plan_file import resolve_for_models, tiny_plan_file
 from test_planner_search import G, brute_force, synthetic_costs
 
 # (schedule, micro-batch size, gradient accumulation, batch slices, sequence slices): all forwards
@@ -224,28 +224,11 @@ def test_older_model_and_plan_files_read_as_without_recomputation(tmp_path, reco
         read_plans(str(plans))
 
 
-def _resolve_with_recompute(plan_path, granularities):
-    """One process, one stage: the slicing the hook resolves from ``plan_path`` for a model built with
-    each recompute granularity, or the error it raises."""
-    import seqpipe_ds
-    from common import tiny_config
-    from seqpipe_ds import parallel
-    from seqpipe_ds.model import gpt_pipeline
-    topology = parallel.initialize(pipeline_parallel_size=1)
-    resolved = []
-    for recompute_granularity in granularities:
-        model = gpt_pipeline(tiny_config(recompute_granularity=recompute_granularity), topology)
-        try:
-            resolved.append(list(seqpipe_ds.resolve(hook_config(plan_path), model)[0].seq_slices[0]))
-        except ValueError as e:
-            resolved.append(str(e))
-    return resolved
-
-
 @pytest.mark.timeout(120)
 def test_hook_refuses_a_plan_made_for_another_recomputation(tmp_path):
     plan_path = tiny_plan_file(tmp_path, [8, 8], schedule="slice-1f1b", recompute="full")
-    refused, accepted = launcher.run(_resolve_with_recompute, 1, plan_path=plan_path, granularities=[None, "full"])[0]
+    refused, accepted = launcher.run(resolve_for_models, 1, plan_path=plan_path,
+                                     models=[{"recompute_granularity": g} for g in (None, "full")])[0]
     assert re.search(r"made for recompute 'full', but the model is built with recompute_granularity=None: build it "
                      r"with recompute_granularity='full'", refused), refused
     assert accepted == [8, 8]
