@@ -100,3 +100,20 @@ def test_saved_tensor_meter_counts_w_buffers_until_w_runs():
         assert meter.current == 0 and len(queue) == 0
     # W reached the parameters themselves, though the hooks handed the backward other tensor objects
     assert all(p.grad is not None for p in stage.parameters())
+
+
+@pytest.mark.timeout(60)
+def test_memory_model_charges_w_buffers_as_kept_until_w():
+    from seqpipe_ds.planner.costs import unit_tokens
+    from seqpipe_ds.planner.memory_model import MemoryModel
+    model = fit.fit_profile(weight_profile()).model
+    costs = CostModel.from_latency_model(model, stages=2, hidden_size=64)
+    memory = MemoryModel(static_bytes=[1e6, 2e6], bytes_per_token=[100.0, 200.0])
+    plan = make_plan(1, [32, 32, 32, 32], micro_batch_size=1, seq_length=128)
+    for micro_batches in (1, 3):
+        split, plain = (costs.predict(name, micro_batches, plan, memory) for name in ("slice-zb", "slice-1f1b"))
+        simulated = costs.simulate("slice-zb", micro_batches, plan)
+        assert split.peak_bytes == memory.peaks(simulated.peak_held_tokens, unit_tokens(plan))
+        assert all(z >= p for z, p in zip(split.peak_bytes, plain.peak_bytes))
+        if micro_batches > 1:  # W buffers held past the next micro-batch's forwards count too
+            assert simulated.peak_held_tokens[1] > simulated.peak_alive_tokens[1]

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..schedules import Costs, SimResult, lower, simulate
+from ..schedules import Costs, SimResult, get_schedule, lower, simulate
 from ..schedules.actions import FORWARD
 from ..slicing import SlicePlan
 from .memory_model import MemoryModel
@@ -206,7 +206,10 @@ class CostModel:
         if memory is not None and memory.recompute != self.recompute:
             raise ValueError(f"memory model for recompute {memory.recompute!r}, costs for {self.recompute!r}")
         result = self.simulate(schedule, micro_batches, plan)
-        peaks = memory.peaks(result.peak_alive_tokens, unit_tokens(plan)) if memory is not None else None
+        # A split backward's W buffers (its linear layers' inputs and output gradients) are part of what
+        # a unit keeps: charged as kept until its W, an upper bound of what they hold.
+        alive = result.peak_held_tokens if get_schedule(schedule).splits_backward else result.peak_alive_tokens
+        peaks = memory.peaks(alive, unit_tokens(plan)) if memory is not None else None
         return Candidate(schedule, micro_batches, plan, result.makespan, peaks, source, self.recompute)
 
     def bottleneck_grid(self, batch_size: int, seq_len: int, granularity: int) -> np.ndarray:

@@ -70,6 +70,7 @@ class SimResult:
     peak_activation_bytes: Optional[List[float]]
     # per stage: the most tokens whose W was pending at once (0 where the backward is not split)
     peak_pending_weight_tokens: List[int]
+    peak_held_tokens: List[int]  # per stage: the most tokens forwarded and not yet through their W (or B)
 
     def stage_segments(self, stage: int, kinds=(FORWARD, BACKWARD, WEIGHT, STEP)) -> List[Segment]:
         return [s for s in self.segments if s.stage == stage and s.kind in kinds]
@@ -85,7 +86,7 @@ class _Stage:
         # the engine's per-unit dicts; "wgrads": the weight-gradient work a split B leaves for the unit's W
         self.buffers = {"inputs": set(), "outputs": set(), "grads": set(), "wgrads": set()}
         self.alive_units = self.alive_tokens = self.peak_units = self.peak_tokens = 0
-        self.pending_tokens = self.peak_pending = 0
+        self.pending_tokens = self.peak_pending = self.peak_held = 0
         self.rates, self.peak_bytes = None, 0.0  # (bytes per alive token, per pending-W token), their peak
 
     def count(self):
@@ -93,6 +94,7 @@ class _Stage:
         self.peak_units, self.peak_tokens = max(self.peak_units, self.alive_units), max(self.peak_tokens,
                                                                                         self.alive_tokens)
         self.peak_pending = max(self.peak_pending, self.pending_tokens)
+        self.peak_held = max(self.peak_held, self.alive_tokens + self.pending_tokens)
         if self.rates is not None:
             self.peak_bytes = max(self.peak_bytes, self.alive_tokens * self.rates[0]
                                   + self.pending_tokens * self.rates[1])
@@ -177,7 +179,7 @@ def simulate(programs: Sequence[Sequence[Action]], plan: SlicePlan, costs: Optio
     peak_bytes = [st.peak_bytes for st in sts] if bytes_per_token is not None else None
     return SimResult([st.program for st in sts], segments, max((s.end for s in segments), default=0.0),
                      [st.peak_units for st in sts], [st.peak_tokens for st in sts], peak_bytes,
-                     [st.peak_pending for st in sts])
+                     [st.peak_pending for st in sts], [st.peak_held for st in sts])
 
 
 def _local(st: _Stage, action: Action, plan, costs, units, micro_batches, segments):
