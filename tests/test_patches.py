@@ -132,7 +132,7 @@ def test_megatron_cpu_shim(megatron_runs, check):
 @pytest.mark.timeout(150)
 def test_apply_all_idempotent(megatron_runs):
     for res in megatron_runs[True]:
-        expected = ["megatron_cpu", "deepspeed_shm", "gloo_exit", "clip_norm", "cross_entropy_dtype"]
+        expected = ["megatron_cpu", "deepspeed_shm", "gloo_exit", "gloo_device", "clip_norm", "cross_entropy_dtype"]
         assert res["applied"] == [expected] * 3
 
 
@@ -187,6 +187,64 @@ def test_gloo_exit_destroys_groups_before_finalization():
     """
     alive = {patch: [res["alive_at_exit"] for _, res, _ in run_procs(probe, patch, nprocs=2)] for patch in (False, True)}
     assert alive == {False: [True, True], True: [False, False]}
+
+
+GLOO_DEVICE_PROBE = """
+import os, torch, torch.distributed as dist
+from torch.distributed import ProcessGroupGloo  # torch's own class, as other code imports it
+if PATCH:
+    from seqpipe_ds.patches import gloo_device, gloo_exit
+    applied = [gloo_device.apply(), gloo_device.apply()]
+    gloo_exit.apply()
+dist.init_process_group("gloo")
+from megatron.core import parallel_state
+parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+groups = [dist.new_group([0, 1]) for _ in range(6)] + [dist.new_group([r]) for r in range(2)]
+rank, ok = dist.get_rank(), []
+for group in [None, *groups[:6]]:  # collectives and point-to-point on groups that share the device
+    x = torch.ones(2) * (rank + 1)
+    dist.all_reduce(x, group=group)
+    y = torch.arange(3.0) if rank == 0 else torch.zeros(3)
+    (dist.send if rank == 0 else dist.recv)(y, 1 - rank, group=group)
+    ok.append(x.tolist() == [3.0, 3.0] and y.tolist() == [0.0, 1.0, 2.0])
+mine = dist.new_group([rank])  # only this rank's
+dist.all_reduce(torch.ones(1), group=mine)
+loops = sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop" for t in os.listdir("/proc/self/task"))
+backends = [g._get_backend(torch.device("cpu")) for g in (dist.group.WORLD, groups[0])]
+print("RESULT", json.dumps({"ok": ok, "loops": loops, "groups": len(dist.distributed_c10d._world.pg_map),
+                            "gloo": [isinstance(b, ProcessGroupGloo) for b in backends],
+                            "late": gloo_device.apply() if PATCH else None,
+                            "applied": applied if PATCH else None}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_gloo_groups_share_one_device_and_network_thread():
+    runs = {patch: run_procs(GLOO_DEVICE_PROBE, patch, nprocs=2) for patch in (False, True)}
+    for patch, procs in runs.items():
+        for rc, res, err in procs:
+            assert rc == 0 and res, err
+            assert res["ok"] == [True] * 7 and res["gloo"] == [True, True], res
+    for (_, off, _), (_, on, _) in zip(runs[False], runs[True]):
+        assert off["groups"] == on["groups"] > 20  # megatron-core's groups and ours
+        assert off["loops"] >= off["groups"] and on["loops"] == 1  # one thread per device
+        assert on["applied"] == [True, True] and on["late"] is True
+
+
+@pytest.mark.timeout(60)
+def test_gloo_device_patch_is_refused_once_groups_exist():
+    probe = """
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    from seqpipe_ds.patches import gloo_device
+    cls = dist.distributed_c10d.ProcessGroupGloo
+    print("RESULT", json.dumps({"applied": gloo_device.apply(), "unchanged": dist.distributed_c10d.ProcessGroupGloo is cls}))
+    dist.destroy_process_group()
+    """
+    [(rc, res, err)] = run_procs(probe, patch=True)
+    assert rc == 0, err
+    assert res == {"applied": False, "unchanged": True}
 
 
 @pytest.mark.timeout(30)
