@@ -7,8 +7,9 @@ megatron-core's ``initialize_model_parallel`` makes 20 on a 2-stage world, every
 ``PipelineModule`` 6 more, and seqpipe-bench keeps one engine per variant alive (8 at batch 1, 69
 threads). On a 2-core machine those wake-ups interrupt the stage that is computing: a fixed matmul loop
 in each of two processes took 0.167 s with no extra groups, 0.190 s with 30 and 0.224 s with 100, and
-with those 100 on one shared device 0.160-0.169 s (2-core AMD EPYC, medians of 5). gloo lets contexts share a device (its pairs are
-told apart by sequence number), so every group made after this patch uses the first one's.
+with those 100 on one shared device 0.160-0.169 s (2-core AMD EPYC, medians of 5). gloo lets
+contexts share a device (its pairs are told apart by sequence number), so every group made after this
+patch uses the first one's.
 
 The replacement is a subclass of ``ProcessGroupGloo`` put where ``torch.distributed.distributed_c10d``
 constructs gloo groups; it builds the devices as torch's own constructor does (one per interface named

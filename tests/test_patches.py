@@ -239,7 +239,8 @@ def test_gloo_device_patch_is_refused_once_groups_exist():
     dist.init_process_group("gloo")
     from seqpipe_ds.patches import gloo_device
     cls = dist.distributed_c10d.ProcessGroupGloo
-    print("RESULT", json.dumps({"applied": gloo_device.apply(), "unchanged": dist.distributed_c10d.ProcessGroupGloo is cls}))
+    applied = gloo_device.apply()
+    print("RESULT", json.dumps({"applied": applied, "unchanged": dist.distributed_c10d.ProcessGroupGloo is cls}))
     dist.destroy_process_group()
     """
     [(rc, res, err)] = run_procs(probe, patch=True)
