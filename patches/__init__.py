@@ -14,7 +14,7 @@ is needed (no CUDA / CPU accelerator) and is a no-op otherwise; calling again ch
 from . import clip_norm, cross_entropy_dtype, deepspeed_shm, gloo_device, gloo_exit, megatron_cpu
 
 PATCHES = {"megatron_cpu": megatron_cpu, "deepspeed_shm": deepspeed_shm, "gloo_exit": gloo_exit,
-           "gloo_device": gloo_device,            "clip_norm": clip_norm, "cross_entropy_dtype": cross_entropy_dtype}
+           "gloo_device": gloo_device, "clip_norm": clip_norm, "cross_entropy_dtype": cross_entropy_dtype}
 
 _applied = ()
 
