@@ -56,7 +56,9 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     calibration = json.loads((tmp_path / "latency_model.json").read_text())["calibration"]
     assert calibration["stages"] == 2 and len(calibration["scale"]) == 2 and calibration["units"] > 0
     assert all(f > 0 and b > 0 for f, b in calibration["scale"]) and calibration["residual"] >= 0
-    assert "engine over profile, forward / backward: stage 0" in done.stdout
+    assert calibration["unit_extra"] == [] or (len(calibration["unit_extra"]) == 2 and
+                                               all(f >= 0 and b >= 0 for f, b in calibration["unit_extra"]))
+    assert "engine over profile per unit, forward / backward: stage 0 x" in done.stdout
     for name in ("stock DeepSpeed", *seqpipe):
         assert rows[name]["profile_only_error"] is not None
     # --memory-limit 1.0x (stock's own need): both sides' picks timed in the same run, with their peaks and what

@@ -2,8 +2,8 @@
 
 1. Plans for this machine: profile one stage (adaptively, with its embedding / LM head ends and its
    saved bytes per token), fit the latency model, calibrate it by a short traced in-engine run of
-   unsliced 1F1B and one slicing (planner/calibrate.py: per stage, how much longer the engine's
-   forwards and backwards run than the profile's), then plan twice: TeraPipe's DP (dp_results.json,
+   unsliced 1F1B and 4 and 8 slices (planner/calibrate.py: per stage and direction, the factor and
+   the seconds per call by which the engine's forwards and backwards exceed the profile's), then plan twice: TeraPipe's DP (dp_results.json,
    the "<schedule> planned" variants) and the schedule-exact search over schedules, micro-batch
    splits and slicings (makespan_results.json, the "makespan planned" variant). Skipped with --plan.
 2. One launch of --stages processes that builds stock DeepSpeed pipelining (the global batch as
@@ -57,8 +57,9 @@ from ..schedules import SCHEDULES, Action, Segment
 MIB = 2 ** 20
 # With --memory-limit: the two sides' picks, timed with the other variants and reported in a table of their own.
 BUDGET_VARIANTS = ("stock within the limit", "seqpipe within the limit")
-# The calibration run: slice counts of slice-1f1b on micro-batches of one sequence (1: stock's unsliced 1F1B).
-CALIBRATION_SLICES = (1, 4)
+# The calibration run: slice counts of slice-1f1b on micro-batches of one sequence (1: stock's unsliced 1F1B),
+# those whose slices are at least the granularity (the shortest slice the profile times and the planner picks).
+CALIBRATION_SLICES = (1, 4, 8)
 
 MODEL_FLAGS = ("num-layers", "hidden-size", "num-attention-heads", "vocab-size", "seq-length")
 # Without --model-preset: sized for a first run on a 2-core CPU (a few minutes); --full: the README's comparison
@@ -316,20 +317,24 @@ def _make_plan(args, out, documents):
 
 
 def _calibrate(args, out, model_file, documents):
-    """The traced in-engine run of ``CALIBRATION_SLICES``; its per-stage factors go into the model file."""
+    """The traced in-engine run of ``CALIBRATION_SLICES``; its per-stage factors and seconds per unit go
+    into the model file."""
     micro_batches = min(args.batch_size, 2)
+    counts = [k for k in CALIBRATION_SLICES if args.seq_length // k >= args.granularity]
     variants = {f"calibration: {k} slice(s)": _variant(1, micro_batches, {"seq_slices": k, "schedule": "slice-1f1b"})
-                for k in CALIBRATION_SLICES}
-    print(f"calibrating in the engine: slice-1f1b with {', '.join(map(str, CALIBRATION_SLICES))} slice(s), "
+                for k in counts}
+    print(f"calibrating in the engine: slice-1f1b with {', '.join(map(str, counts))} slice(s), "
           f"{micro_batches} micro-batch(es), one warm-up + two timed + one traced iteration each", flush=True)
     timing = _launch(args, args.stages, variants, out / "calibration", measure=True, warmup=1, repeats=2)
     runs = [Run(*variant_plan(variant, args.stages, args.batch_size, args.seq_length), timing["trace"][name],
                 timing["times"][name]) for name, variant in variants.items()]
     calibration = calibrate(cost_model(read_model_file(model_file), args.stages, documents=documents), runs)
     store(model_file, calibration)
-    factors = ", ".join(f"stage {s} x{f:.2f} / x{b:.2f}" for s, (f, b) in enumerate(calibration.scale))
-    print(f"engine over profile, forward / backward: {factors}; outside the units {calibration.step_extra:.3f} s "
-          f"per step (stated error {calibration.residual:.1%})")
+    extra = calibration.unit_extra or ((0.0, 0.0),) * len(calibration.scale)
+    factors = ", ".join(f"stage {s} x{f:.2f} + {1e3 * ef:.1f} ms / x{b:.2f} + {1e3 * eb:.1f} ms"
+                        for s, ((f, b), (ef, eb)) in enumerate(zip(calibration.scale, extra)))
+    print(f"engine over profile per unit, forward / backward: {factors}; outside the units "
+          f"{calibration.step_extra:.3f} s per step (stated error {calibration.residual:.1%})")
 
 
 def _rows(args, variants, timing, ideal, model_file, documents):
