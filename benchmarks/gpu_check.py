@@ -7,7 +7,10 @@ the same code on CPU at toy sizes (the test suite does, so that it cannot rot un
    and in uneven slices: loss and every parameter gradient, fp32 (rel <= 1e-5) and bf16 (rel <=
    1e-2 on outputs/loss, 5e-2 on gradients, the bounds of the engine's bf16 exactness tests); and
    the same slices with the backward split (``slice-zb``'s B under ``wgrad.deferring``, every W
-   after the last B), which on CUDA runs the linear backwards on autograd's device thread.
+   after the last B), which on CUDA runs the linear backwards on autograd's device thread; and the
+   same GPT on packed documents (``reset_attention_mask`` / ``reset_position_ids``, EOD tokens cut
+   slices and rows): whole it attends with SDPA and the dense document mask, sliced per document
+   segment and cached block (``attention/documents.py``).
 2. One GPT3-1B layer (hidden 2048, 16 heads, seq 2048, bf16; TeraPipe's setting 1 model): summed
    per-slice forward + backward time over the unsliced time for k = 1, 2, 4, 8, 16 slices.
 
@@ -104,16 +107,25 @@ def gpt_step(module, batch, lengths=None, split=False):
     return loss.detach().float(), {n: p.grad.float() for n, p in module.named_parameters()}
 
 
-def check_gpt(topology, device, dtype, hidden, heads, seq, batch, slices, split=False):
+def check_gpt(topology, device, dtype, hidden, heads, seq, batch, slices, split=False, documents=False):
+    """``documents``: EOD (token 0) every 7th token of row 0 and at a few places of the others."""
+    from seqpipe_ds.data import document_starts
     from seqpipe_ds.model import GPTConfig, gpt_pipeline
     config = GPTConfig(num_layers=2, hidden_size=hidden, num_attention_heads=heads, vocab_size=128,
-                       max_position_embeddings=seq, params_dtype=dtype)
+                       max_position_embeddings=seq, params_dtype=dtype, reset_attention_mask=documents,
+                       reset_position_ids=documents)
     module = gpt_pipeline(config, topology, seed=7).to(device)
     g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, 128, (batch, seq + 1), generator=g)
-    positions = torch.arange(seq).expand(batch, seq)
-    batch = tuple(tuple(t.contiguous().to(device) for t in part) for part in
-                  ((data[:, :-1], positions), (data[:, 1:], torch.ones(batch, seq))))
+    data = torch.randint(1, 128, (batch, seq + 1), generator=g)
+    positions, loss_mask = torch.arange(seq).expand(batch, seq), torch.ones(batch, seq)
+    inputs = (data[:, :-1], positions)
+    if documents:
+        data[0, 6::7] = 0
+        data[1:, [1, 2, seq // 2, seq - 3]] = 0
+        starts = document_starts(data[:, :-1], 0)
+        loss_mask = (data[:, :-1] != 0).float()
+        inputs = (data[:, :-1], positions - starts, starts)
+    batch = tuple(tuple(t.contiguous().to(device) for t in part) for part in (inputs, (data[:, 1:], loss_mask)))
     loss, grads = gpt_step(module, batch)
     s_loss, s_grads = gpt_step(module, batch, slices, split)
     return {"out": rel_err(s_loss, loss), "grad": max(rel_err(s_grads[n], grads[n]) for n in grads),
@@ -142,6 +154,8 @@ def main(argv=None) -> int:
             report["checks"][f"blocks {name}"] = check_blocks(device, dtype, sizes["gpt"]["slices"])
             report["checks"][f"gpt {name}"] = check_gpt(topology, device, dtype, **sizes["gpt"])
             report["checks"][f"gpt split {name}"] = check_gpt(topology, device, dtype, **sizes["gpt"], split=True)
+            report["checks"][f"gpt documents {name}"] = check_gpt(topology, device, dtype, **sizes["gpt"],
+                                                                  documents=True)
         report["check_seconds"] = time.perf_counter() - start
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         layer = sizes["layer"]
@@ -156,7 +170,7 @@ def main(argv=None) -> int:
               if not errors[kind] <= BOUNDS[name.split()[-1]][kind]]
     report["failed"] = failed
     for name, errors in report["checks"].items():
-        print(f"{name:10s} out {errors['out']:.2e}  grad {errors['grad']:.2e}")
+        print(f"{name:19s} out {errors['out']:.2e}  grad {errors['grad']:.2e}")
     print(f"layer hidden {layer['hidden']}, {layer['heads']} heads, seq {layer['seq']}, bf16: k, time_ratio, seconds")
     for k, r in report["layer"]["slices"].items():
         print(f"  {k:>3} {r['time_ratio']:6.3f} {r['seconds']:8.4f}")

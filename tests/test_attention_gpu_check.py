@@ -27,9 +27,10 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     with open(out) as f:
         report = json.load(f)
     assert report["failed"] == []
-    assert set(report["checks"]) == {"blocks fp32", "gpt fp32", "gpt split fp32", "blocks bf16", "gpt bf16",
-                                     "gpt split bf16"}
+    assert set(report["checks"]) == {f"{check} {dtype}" for dtype in ("fp32", "bf16")
+                                     for check in ("blocks", "gpt", "gpt split", "gpt documents")}
     assert report["checks"]["gpt split fp32"]["grad"] <= 1e-5
+    assert report["checks"]["gpt documents fp32"]["grad"] <= 1e-5
     assert report["checks"]["gpt fp32"]["grad"] <= 1e-5 and report["checks"]["gpt fp32"]["tensors"] > 10
     assert list(report["layer"]["slices"]) == ["1", "2", "4"]
     assert all(r["seconds"] > 0 for r in report["layer"]["slices"].values())
