@@ -3,9 +3,10 @@
 1. Plans for this machine: profile one stage (adaptively, with its embedding / LM head ends and its
    saved bytes per token), fit the latency model, calibrate it by a short traced in-engine run of
    unsliced 1F1B and 4 and 8 slices (planner/calibrate.py: per stage and direction, the factor and
-   the seconds per call by which the engine's forwards and backwards exceed the profile's), then plan twice: TeraPipe's DP (dp_results.json,
-   the "<schedule> planned" variants) and the schedule-exact search over schedules, micro-batch
-   splits and slicings (makespan_results.json, the "makespan planned" variant). Skipped with --plan.
+   the seconds per call by which the engine's forwards and backwards exceed the profile's), then
+   plan twice: TeraPipe's DP (dp_results.json, the "<schedule> planned" variants) and the
+   schedule-exact search over schedules, micro-batch splits and slicings (makespan_results.json,
+   the "makespan planned" variant). Skipped with --plan.
 2. One launch of --stages processes that builds stock DeepSpeed pipelining (the global batch as
    micro-batches of 1, its 1F1B schedule) and, for every schedule in --schedules, uniform slicings
    and the planned slicing; it alternates them iteration by iteration after warm-up, then runs one

@@ -10,11 +10,11 @@ so it is measured where it happens: a short in-engine run of a few candidate sli
 unit's forward and backward (``SeqPipeEngine.slice_trace``), and per stage and direction a unit's
 measured time is fitted as ``factor * model time + seconds per unit`` (non-negative least squares
 over the traced units). The per-unit seconds are what every call costs whatever its size (on the
-2-core EPYC about 25 ms per forward, against a 128-token forward of 70-80 ms, which a factor alone
-priced 30-45% low at 8 slices while pricing 4 slices right); where the traced units have one size
-only, the factor alone (measured over modelled seconds) is used. A step also spends time outside its
-units (the optimizer step beyond the profiled one, the tied-embedding all-reduce, loads, barriers:
-0.1-0.2 s per step on the Xeon at the default GPT), the same for every slicing, so after the units
+2-core EPYC about 25 ms per forward, against a 128-token forward of 70-80 ms: a factor alone, fitted
+on 1 and 4 slices, priced 8-slice forwards 23-31% low while pricing 4 slices right); where the
+traced units have one size only, the factor alone (measured over modelled seconds) is used. A step
+also spends time outside its units (the optimizer step beyond the profiled one, the tied-embedding
+all-reduce, loads, barriers: 0.1-0.2 s per step on the Xeon at the default GPT), the same for every slicing, so after the units
 the median of (measured step - simulated step) over the runs is added to each stage's step
 (``step_extra``, >= 0). ``CostModel.scale``, ``CostModel.unit_extra`` and ``CostModel.step`` carry
 them; a latency model file keeps them (``calibration``), so that every path pricing a plan on that
@@ -107,7 +107,7 @@ def calibrate(costs: CostModel, runs: Sequence[Run]) -> Calibration:
     """Factors, seconds per unit and the step's extra time of ``costs`` (uncalibrated) from traced
     in-engine runs."""
     if costs.scale is not None or costs.unit_extra is not None:
-        raise ValueError("calibrate a cost model without factors (CostModel.scale is already set)")
+        raise ValueError("calibrate a cost model without a calibration (CostModel.scale or unit_extra is already set)")
     per_run = _units(costs, runs)
     fitted = {}
     for stage in range(costs.stages):

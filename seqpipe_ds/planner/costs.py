@@ -9,10 +9,9 @@ earlier slices, which its attention reads; ``contexts`` is the one place that co
 ``compute(stage, b, l, c)`` is its forward + backward seconds on a stage, ``forward_fraction`` of
 it the forward; ``send(b, l)`` one activation or gradient message between neighbour stages;
 ``step`` each stage's reduction + optimizer step. ``unit_times`` is where a stage's own options
-change a unit's forward / backward split: the calibration's ``scale`` and ``unit_extra``, and activation
-recomputation
-(``recompute``, one mode for every stage: ``recompute.py``), whose rerun of the forward (``recompute_cost``,
-measured per mode by the profile) lengthens each backward. A schedule that
+change a unit's forward / backward split: the calibration's ``scale`` and ``unit_extra``, and
+activation recomputation (``recompute``, one mode for every stage: ``recompute.py``), whose rerun of
+the forward (``recompute_cost``, measured per mode by the profile) lengthens each backward. A schedule that
 splits the backward (``slice-zb``) runs ``weight(stage, b, l)`` of it as the unit's W and the rest
 as B (``Costs.weight``); the latency model's measured W, or where it has none Zero Bubble PP's
 t_W = t_F (the forward of the unit without context: the same GEMMs).
