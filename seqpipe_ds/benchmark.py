@@ -95,6 +95,8 @@ def run(spec):
                                                   config=_ds_config(spec, variant))
         batches[name] = _batches(spec, variant)
     times = {name: [] for name in engines}
+    # With "trace_timed": every timed iteration's units of the seqpipe variants (the calibration's traces).
+    traced = {name: [] for name in engines if spec.get("trace_timed") and spec["variants"][name]["seqpipe"] is not None}
     cuda_peak = {name: 0.0 for name in engines}
     bar = tqdm(total=(spec["warmup"] + spec["repeats"]) * len(engines), unit="iter", disable=dist.get_rank() != 0,
                desc=f"timing on {spec['stages']} stage(s): warm-up, then alternating")
@@ -102,6 +104,9 @@ def run(spec):
         for name, engine in engines.items():
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            timed = rep >= spec["warmup"]
+            if timed and name in traced:
+                engine.slice_trace = []
             dist.barrier()
             start = time.perf_counter()
             engine.train_batch(data_iter=iter(batches[name]))
@@ -109,12 +114,16 @@ def run(spec):
             elapsed = time.perf_counter() - start
             if torch.cuda.is_available():
                 cuda_peak[name] = max(cuda_peak[name], max(_per_stage(engine, torch.cuda.max_memory_allocated())))
-            if rep >= spec["warmup"]:
+            if timed:
                 times[name].append(elapsed)
+                if name in traced:
+                    traced[name].append(_take_trace(engine, start))
             bar.update()
     bar.close()
     result = {"times": times, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "world_size": dist.get_world_size(), "cuda_peak_memory": cuda_peak if torch.cuda.is_available() else None}
+    if traced:
+        result["timed_traces"] = {name: _gather_rows(iterations) for name, iterations in traced.items()}
     if spec.get("measure"):
         result.update(_measure(spec, engines, batches))
     return result
@@ -136,15 +145,26 @@ def _measure(spec, engines, batches):
         saved[name] = _per_stage(engine, meter.peak)
         states[name] = _per_stage(engine, _model_state_bytes(engine))
         if sliced:
-            local = [[engine.stage_id, a.kind, *a.key, t0 - origin, t1 - origin] for a, t0, t1 in engine.slice_trace]
-            engine.slice_trace = None
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, local)
-            traces[name] = [row for rows in gathered for row in rows]
+            traces[name] = _gather_rows([_take_trace(engine, origin)])[0]
     engine, name = next(iter(engines.values())), next(iter(engines))
     kept, held = _probe_bytes_per_token(engine, batches[name][0])
     return {"saved_peak_bytes": saved, "trace": traces, "model_state_bytes": states,
             "saved_bytes_per_token": _per_stage(engine, kept), "weight_bytes_per_token": _per_stage(engine, held)}
+
+
+def _take_trace(engine, origin):
+    """This stage's traced units, [stage, kind, micro-batch, batch slice, sequence slice, start, end]
+    in seconds since ``origin``; tracing stops."""
+    rows = [[engine.stage_id, a.kind, *a.key, t0 - origin, t1 - origin] for a, t0, t1 in engine.slice_trace]
+    engine.slice_trace = None
+    return rows
+
+
+def _gather_rows(iterations):
+    """Per iteration, every stage's rows (one all-gather for all iterations)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, iterations)
+    return [[row for stage in gathered for row in stage[i]] for i in range(len(iterations))]
 
 
 def _model_state_bytes(engine):

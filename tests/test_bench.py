@@ -23,7 +23,7 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     command = [sys.executable, "-m", "seqpipe_ds.cli.bench", "--num-layers", "2", "--hidden-size", "64",
                "--num-attention-heads", "4", "--seq-length", "128", "--granularity", "32", "--uniform", "2",
                "--profile-repeats", "1", "--warmup", "0", "--repeats", "2", "--timeout", "300",
-               "--memory-limit", "1.0x",
+               "--memory-limit", "1.0x", "--recalibrate", "always",
                "--out", str(tmp_path), "--png", str(png)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SEQPIPE_DIST_TIMEOUT_MIN": "3"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1180)
@@ -40,7 +40,16 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
         f"{b}x{lengths}" for b, lengths in zip(plan["batch_slices"], plan["input_slices"]))
     searched = json.loads((tmp_path / "makespan_results.json").read_text())[0]
     assert rows["makespan planned"]["schedule"] == searched["schedule"]
-    assert rows["makespan planned"]["predicted_s"] == pytest.approx(searched["latency"], rel=1e-6)
+    # The plans' recorded latencies are the first calibration's predictions; after the timed runs a
+    # second calibration (--recalibrate always) into its own model file predicts every row.
+    assert rows["makespan planned"]["first_calibration_predicted_s"] == pytest.approx(searched["latency"], rel=1e-6)
+    second = json.loads(open(result["recalibrated"]).read())["calibration"]
+    assert second["units"] > 0 and second != json.loads((tmp_path / "latency_model.json").read_text())["calibration"]
+    assert "calibrating again" in done.stdout and "predicted from the second calibration" in done.stdout
+    for name in ("stock DeepSpeed", *seqpipe):
+        row = rows[name]
+        assert row["first_calibration_error"] == pytest.approx(row["first_calibration_predicted_s"] /
+                                                               row["s_per_iter"] - 1, rel=1e-9)
     assert "profile: " in done.stderr and "timing on 2 stage(s)" in done.stderr  # progress is shown
     assert "held-out relative error" in done.stdout and "adaptive profile:" in done.stdout  # the fit's error
     for row in rows.values():
@@ -56,8 +65,9 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     calibration = json.loads((tmp_path / "latency_model.json").read_text())["calibration"]
     assert calibration["stages"] == 2 and len(calibration["scale"]) == 2 and calibration["units"] > 0
     assert all(f > 0 and b > 0 for f, b in calibration["scale"]) and calibration["residual"] >= 0
-    assert calibration["unit_extra"] == [] or (len(calibration["unit_extra"]) == 2 and
-                                               all(f >= 0 and b >= 0 for f, b in calibration["unit_extra"]))
+    for term in ("unit_extra", "sequence_extra"):
+        assert calibration[term] == [] or (len(calibration[term]) == 2 and
+                                           all(f >= 0 and b >= 0 for f, b in calibration[term]))
     assert "engine over profile per unit, forward / backward: stage 0 x" in done.stdout
     for name in ("stock DeepSpeed", *seqpipe):
         assert rows[name]["profile_only_error"] is not None

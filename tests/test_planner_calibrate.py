@@ -1,10 +1,12 @@
 """In-engine calibration (planner/calibrate.py): factors recovered from traced runs, a held-out run
 predicted within the stated error, and the factors carried through a model file into every plan."""
 import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from seqpipe_ds.planner.calibrate import Calibration, Run, calibrate, store
+from seqpipe_ds.planner.calibrate import Calibration, Run, calibrate, misses, store
 from seqpipe_ds.planner.costs import CostModel
 from seqpipe_ds.planner.fit import read_model_file
 from seqpipe_ds.planner.planning import cost_model
@@ -15,6 +17,7 @@ SEQ = 512
 TRUE_SCALE = ((1.04, 1.09), (1.21, 1.17), (1.12, 1.25))  # the "engine": each stage and direction its own factor
 TRUE_EXTRA = 0.03  # and seconds per step outside the units
 TRUE_UNIT_EXTRA = ((0.004, 0.0), (0.006, 0.002), (0.0, 0.003))  # and seconds per forward / backward call
+TRUE_SEQUENCE_EXTRA = ((0.002, 0.005), (0.0, 0.001), (0.003, 0.0))  # and per sequence of a unit
 
 
 def profile_costs(stages=3):
@@ -25,33 +28,39 @@ def profile_costs(stages=3):
 
 
 def engine_of(profile):
-    return Calibration(profile.stages, TRUE_SCALE, 0.0, 0, TRUE_EXTRA, TRUE_UNIT_EXTRA).apply(profile)
+    return Calibration(profile.stages, TRUE_SCALE, 0.0, 0, TRUE_EXTRA, TRUE_UNIT_EXTRA,
+                       TRUE_SEQUENCE_EXTRA).apply(profile)
 
 
 def traced_run(engine, schedule, micro_batches, plan, noise=0.0, seed=0):
     """What ``seqpipe_ds.benchmark`` records for a seqpipe run, here from the simulator of a known
-    engine: one iteration's units and two step times."""
+    engine: the units of each of two timed iterations and their step times."""
     result = engine.simulate(schedule, micro_batches, plan)
     rng = np.random.default_rng(seed)
-    rows = []
-    for seg in result.segments:
-        if seg.kind in (FORWARD, BACKWARD):
-            duration = (seg.end - seg.start) * (1 + noise * rng.uniform(-1, 1))
-            rows.append([seg.stage, seg.kind, *seg.action.key, seg.start, seg.start + duration])
+    iterations = []
+    for _ in range(2):
+        rows = []
+        for seg in result.segments:
+            if seg.kind in (FORWARD, BACKWARD):
+                duration = (seg.end - seg.start) * (1 + noise * rng.uniform(-1, 1))
+                rows.append([seg.stage, seg.kind, *seg.action.key, seg.start, seg.start + duration])
+        iterations.append(rows)
     steps = [result.makespan * (1 + noise * rng.uniform(-1, 1)) for _ in range(2)]
-    return Run(schedule, plan, micro_batches, rows, steps)
+    return Run(schedule, plan, micro_batches, iterations, steps)
 
 
 def test_recovers_the_engine_factors_exactly():
     profile = profile_costs()
     engine = engine_of(profile)
     runs = [traced_run(engine, "slice-1f1b", 2, make_plan(1, 1, 1, SEQ)),
-            traced_run(engine, "slice-1f1b", 2, make_plan(1, 4, 1, SEQ))]
+            traced_run(engine, "slice-1f1b", 2, make_plan(1, 4, 1, SEQ)),
+            traced_run(engine, "slice-1f1b", 1, make_plan(1, 4, 3, SEQ))]  # units of 3 sequences
     found = calibrate(profile, runs)
     np.testing.assert_allclose(np.array(found.scale), np.array(TRUE_SCALE), rtol=1e-9)
     np.testing.assert_allclose(np.array(found.unit_extra), np.array(TRUE_UNIT_EXTRA), rtol=0, atol=1e-11)
+    np.testing.assert_allclose(np.array(found.sequence_extra), np.array(TRUE_SEQUENCE_EXTRA), rtol=0, atol=1e-11)
     assert found.step_extra == pytest.approx(TRUE_EXTRA, rel=1e-9)
-    assert found.residual < 1e-9 and found.units == sum(len(run.trace) for run in runs)
+    assert found.residual < 1e-9 and found.units == sum(len(trace) for run in runs for trace in run.traces)
     # A held-out run (another schedule, slicing and batch) is then predicted exactly.
     held_out = make_plan([1, 1], [[128, 256, 128], [256, 256]], 2, SEQ)
     predicted = found.apply(profile).simulate("terapipe", 3, held_out).makespan
@@ -65,6 +74,16 @@ def test_recovers_the_engine_factors_exactly():
     actual = engine.simulate("slice-1f1b", 2, eight).makespan
     assert ratio_only.simulate("slice-1f1b", 2, eight).makespan < 0.97 * actual
     assert found.apply(profile).simulate("slice-1f1b", 2, eight).makespan == pytest.approx(actual, rel=1e-9)
+    # Units of one sequence alone cannot tell the per-sequence seconds from the per-unit ones: fitted on
+    # them, both land in the per-unit term, which prices 8 slices of 8 sequences low.
+    single = calibrate(profile, runs[:2])
+    assert single.sequence_extra == ()
+    np.testing.assert_allclose(np.array(single.unit_extra), np.array(TRUE_UNIT_EXTRA) + TRUE_SEQUENCE_EXTRA,
+                               rtol=0, atol=1e-11)
+    wide = make_plan(1, 8, 8, SEQ)
+    actual = engine.simulate("slice-1f1b", 1, wide).makespan
+    assert single.apply(profile).simulate("slice-1f1b", 1, wide).makespan < 0.97 * actual
+    assert found.apply(profile).simulate("slice-1f1b", 1, wide).makespan == pytest.approx(actual, rel=1e-9)
 
 
 def test_noisy_traces_predict_a_held_out_run_within_the_stated_error():
@@ -79,6 +98,35 @@ def test_noisy_traces_predict_a_held_out_run_within_the_stated_error():
     assert abs(predicted / actual - 1) <= found.residual
 
 
+def test_a_slow_iteration_does_not_move_the_fit():
+    """The host slows down (1.8x, as the 2-core EPYC did) during one of three traced iterations: each
+    unit's median over the iterations, and the median step, keep the fit exact."""
+    profile = profile_costs()
+    engine = engine_of(profile)
+    runs, slow_only = [], []
+    for k in (1, 4):
+        run = traced_run(engine, "slice-1f1b", 2, make_plan(1, k, 1, SEQ))
+        fast, step = run.traces[0], run.step_times[0]
+        slow = [[*row[:6], row[5] + 1.8 * (row[6] - row[5])] for row in fast]
+        runs.append(run._replace(traces=[fast, slow, fast], step_times=[step, 1.8 * step, step]))
+        slow_only.append(run._replace(traces=[slow], step_times=[1.8 * step]))
+    found = calibrate(profile, runs)
+    np.testing.assert_allclose(np.array(found.scale), np.array(TRUE_SCALE), rtol=1e-9)
+    np.testing.assert_allclose(np.array(found.unit_extra), np.array(TRUE_UNIT_EXTRA) + TRUE_SEQUENCE_EXTRA,
+                               rtol=0, atol=1e-11)  # units of one sequence: its seconds are the unit's
+    assert found.residual < 1e-9 and found.units == 3 * sum(len(run.traces[0]) for run in runs)
+    # The slow iteration alone is fitted as it ran: 1.8x the engine's factors and seconds per call.
+    slowed = calibrate(profile, slow_only)
+    np.testing.assert_allclose(np.array(slowed.scale), 1.8 * np.array(TRUE_SCALE), rtol=1e-9)
+
+
+def test_misses_are_the_held_out_runs_beyond_the_stated_error():
+    calibration = Calibration(2, ((1.0, 1.0), (1.0, 1.0)), 0.05, 10)
+    held_out = {"within": (1.04, 1.0), "high": (1.2, 1.0), "low": (1.0, 1.1)}
+    assert misses(calibration, held_out) == ["high", "low"]
+    assert misses(replace(calibration, residual=0.2), held_out) == []
+
+
 def test_bad_input_is_one_clear_error():
     profile = profile_costs()
     with pytest.raises(ValueError, match="already set"):
@@ -91,7 +139,8 @@ def test_a_model_file_carries_the_calibration_into_cost_model(fitted_recompute_m
     path = str(fitted_recompute_model)
     found = read_model_file(path)
     stages = 2
-    calibration = Calibration(stages, ((1.1, 1.2), (1.3, 1.4)), 0.02, 10, 0.05, ((0.01, 0.0), (0.0, 0.02)))
+    calibration = Calibration(stages, ((1.1, 1.2), (1.3, 1.4)), 0.02, 10, 0.05, ((0.01, 0.0), (0.0, 0.02)),
+                              ((0.003, 0.004), (0.0, 0.005)))
     store(path, calibration)
     assert json.loads(open(path).read())["calibration"] == calibration.to_dict()
     calibrated = read_model_file(path)
@@ -99,10 +148,10 @@ def test_a_model_file_carries_the_calibration_into_cost_model(fitted_recompute_m
     assert cost_model(calibrated, stages).step == pytest.approx(cost_model(found, stages).step + 0.05, rel=1e-12)
     assert cost_model(calibrated, 3).scale is None  # made on another stage count: not applied
     assert cost_model(calibrated, stages, identical=True).scale is None  # TeraPipe's DP objective stays the DP's
-    plan = make_plan(1, 4, 1, found.config["seq_length"])
+    plan = make_plan(1, 4, 2, found.config["seq_length"])  # units of 2 sequences
     base, scaled = cost_model(found, stages).unit_times(plan), cost_model(calibrated, stages).unit_times(plan)
     for (stage, unit), (forward, backward) in base.items():
-        extra = calibration.unit_extra[stage]
+        extra = np.array(calibration.unit_extra[stage]) + 2 * np.array(calibration.sequence_extra[stage])
         assert scaled[stage, unit] == pytest.approx((forward * calibration.scale[stage][0] + extra[0],
                                                      backward * calibration.scale[stage][1] + extra[1]), rel=1e-12)
     assert Calibration.from_dict(calibration.to_dict()) == calibration

@@ -15,7 +15,11 @@
 3. One single-process launch of the same work: its time / stages is the bubble-free ideal.
 4. The schedule simulator predicts every variant's step time (the calibrated latency model, and the
    profile alone) and per-stage peak activation bytes (bytes per token probed on each stage), printed
-   beside the measurements; the timed runs are held out from the calibration.
+   beside the measurements; the timed runs are held out from the calibration. Where one misses its
+   prediction by more than the calibration's stated error (the host's speed changed between the
+   launches), a second calibration launch follows (--recalibrate), into latency_model.recalibrated.json;
+   the rows are predicted from it and keep the first calibration's prediction beside it (the plans
+   stay those of the first: their files record its latencies).
 Prints the table, writes bench.json (and with --png the measured and predicted timelines).
 
 --documents trains every variant on packed documents (Megatron's --reset-attention-mask
@@ -45,7 +49,7 @@ from typing import List, Optional
 from ..data import ByteTokenizer
 from ..model.presets import PRESETS, fill_shape, options
 from ..planner.budget import budget, stock_need
-from ..planner.calibrate import Run, calibrate, store
+from ..planner.calibrate import Calibration, Run, calibrate, misses, store, uncalibrated_copy
 from ..planner.documents import EMBEDDED, document_data, measured_documents
 from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
 from ..planner.memory_model import format_bytes, parse_bytes
@@ -61,6 +65,8 @@ BUDGET_VARIANTS = ("stock within the limit", "seqpipe within the limit")
 # The calibration run: slice counts of slice-1f1b on micro-batches of one sequence (1: stock's unsliced 1F1B),
 # those whose slices are at least the granularity (the shortest slice the profile times and the planner picks).
 CALIBRATION_SLICES = (1, 4, 8)
+# Its timed iterations per slicing, each traced: a unit's time is its median over them (planner/calibrate.py).
+CALIBRATION_REPEATS = 3
 
 MODEL_FLAGS = ("num-layers", "hidden-size", "num-attention-heads", "vocab-size", "seq-length")
 # Without --model-preset: sized for a first run on a 2-core CPU (a few minutes); --full: the README's comparison
@@ -100,9 +106,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     one_process = {"seq_slices": 1, "schedule": "slice-1f1b"} if args.documents else None
     ideal = _launch(args, 1, {"single stage": _variant(args.batch_size, 1, one_process)}, out / "single")
     rows, predictions = _rows(args, variants, timing, ideal, model_file, documents)
+    recalibrated = _recalibrate(args, out, model_file, documents, rows) if model_file and not args.plan else None
+    if recalibrated:
+        first = {row["variant"]: row.get("predicted_s") for row in rows}
+        rows, predictions = _rows(args, variants, timing, ideal, recalibrated, documents)
+        for row in rows:
+            if first.get(row["variant"]):
+                row["first_calibration_predicted_s"] = first[row["variant"]]
+                row["first_calibration_error"] = first[row["variant"]] / row["s_per_iter"] - 1
     budget_rows = {row["variant"]: row for row in rows if row["variant"] in BUDGET_VARIANTS}
     _print_table(args, [row for row in rows if row["variant"] not in BUDGET_VARIANTS], timing["device"])
-    result = {"config": vars(args), "device": timing["device"], "rows": rows}
+    result = {"config": vars(args), "device": timing["device"], "rows": rows, "recalibrated": recalibrated}
     if limited:
         result["budget"] = _print_budget(limited, budget_rows)
     with open(out / "bench.json", "w") as f:
@@ -153,6 +167,9 @@ def _parser():
     p.add_argument("--eod", type=int, default=ByteTokenizer.eod,
                    help="with --documents: the data's end-of-document id (default: the byte-level tokenizer's)")
     p.add_argument("--png", help="write the measured and the predicted per-stage timeline of one variant here")
+    p.add_argument("--recalibrate", choices=("on-miss", "always", "never"), default="on-miss",
+                   help="calibrate once more after the timed runs and predict them from that calibration: where "
+                        "one misses its prediction by more than the stated error (default), always, or never")
     p.add_argument("--png-variant", help="the variant drawn with --png (default: the last schedule's planned run)")
     return p
 
@@ -268,8 +285,9 @@ def _relay(process, log, timeout):
         timer.cancel()
 
 
-def _launch(args, stages, variants, stem, measure=False, warmup=None, repeats=None):
+def _launch(args, stages, variants, stem, measure=False, warmup=None, repeats=None, trace_timed=False):
     spec = {"model": _model(args), "stages": stages, "variants": variants, "measure": measure,
+            "trace_timed": trace_timed,
             "warmup": args.warmup if warmup is None else warmup,
             "repeats": args.repeats if repeats is None else repeats, "out": f"{stem}.json"}
     if args.documents:
@@ -309,7 +327,7 @@ def _make_plan(args, out, documents):
     report = fit_profile(measured)
     write_model_file(str(model_file), report, measured)
     print("\n".join(fit_summary(report, measured)))
-    _calibrate(args, out, str(model_file), documents)
+    _calibrate(args, out / "calibration", str(model_file), documents)
     for name, found in zip(("TeraPipe's DP", "schedule-exact search"),
                            bench_plans(str(model_file), args.stages, args.batch_size, args.num_layers, str(plan_file),
                                        str(makespan_file), documents)):
@@ -317,25 +335,51 @@ def _make_plan(args, out, documents):
     return str(plan_file), str(makespan_file), str(model_file)
 
 
-def _calibrate(args, out, model_file, documents):
+def _calibrate(args, stem, model_file, documents):
     """The traced in-engine run of ``CALIBRATION_SLICES``; its per-stage factors and seconds per unit go
     into the model file."""
     micro_batches = min(args.batch_size, 2)
     counts = [k for k in CALIBRATION_SLICES if args.seq_length // k >= args.granularity]
     variants = {f"calibration: {k} slice(s)": _variant(1, micro_batches, {"seq_slices": k, "schedule": "slice-1f1b"})
                 for k in counts}
-    print(f"calibrating in the engine: slice-1f1b with {', '.join(map(str, counts))} slice(s), "
-          f"{micro_batches} micro-batch(es), one warm-up + two timed + one traced iteration each", flush=True)
-    timing = _launch(args, args.stages, variants, out / "calibration", measure=True, warmup=1, repeats=2)
-    runs = [Run(*variant_plan(variant, args.stages, args.batch_size, args.seq_length), timing["trace"][name],
+    whole = f", and {counts[-1]} slices of one micro-batch of {args.batch_size} sequences" \
+        if args.batch_size > 1 else ""
+    if whole:  # units of several sequences: what the engine adds per sequence (planner/calibrate.py)
+        variants[f"calibration: {counts[-1]} slice(s) of {args.batch_size}"] = _variant(
+            args.batch_size, 1, {"seq_slices": counts[-1], "schedule": "slice-1f1b"})
+    print(f"calibrating in the engine: slice-1f1b with {', '.join(map(str, counts))} slice(s) of "
+          f"{micro_batches} micro-batch(es) of one sequence{whole}; one warm-up + {CALIBRATION_REPEATS} traced "
+          "iterations each", flush=True)
+    timing = _launch(args, args.stages, variants, stem, warmup=1, repeats=CALIBRATION_REPEATS,
+                     trace_timed=True)
+    runs = [Run(*variant_plan(variant, args.stages, args.batch_size, args.seq_length), timing["timed_traces"][name],
                 timing["times"][name]) for name, variant in variants.items()]
     calibration = calibrate(cost_model(read_model_file(model_file), args.stages, documents=documents), runs)
     store(model_file, calibration)
-    extra = calibration.unit_extra or ((0.0, 0.0),) * len(calibration.scale)
-    factors = ", ".join(f"stage {s} x{f:.2f} + {1e3 * ef:.1f} ms / x{b:.2f} + {1e3 * eb:.1f} ms"
-                        for s, ((f, b), (ef, eb)) in enumerate(zip(calibration.scale, extra)))
+    none = ((0.0, 0.0),) * len(calibration.scale)
+    factors = ", ".join(f"stage {s} x{f:.2f} + {1e3 * ef:.1f} ms + {1e3 * qf:.1f} ms/seq / x{b:.2f} + "
+                        f"{1e3 * eb:.1f} ms + {1e3 * qb:.1f} ms/seq"
+                        for s, ((f, b), (ef, eb), (qf, qb)) in enumerate(zip(
+                            calibration.scale, calibration.unit_extra or none, calibration.sequence_extra or none)))
     print(f"engine over profile per unit, forward / backward: {factors}; outside the units "
           f"{calibration.step_extra:.3f} s per step (stated error {calibration.residual:.1%})")
+
+
+def _recalibrate(args, out, model_file, documents, rows):
+    """The second calibration's model file, or None where none is due (``--recalibrate``)."""
+    calibration = Calibration.from_dict(read_model_file(model_file).calibration)
+    missed = misses(calibration, {row["variant"]: (row["predicted_s"], row["s_per_iter"])
+                                  for row in rows if row.get("predicted_s")})
+    if args.recalibrate == "never" or (args.recalibrate == "on-miss" and not missed):
+        return None
+    print(f"{len(missed)} timed run(s) missed their prediction by more than the calibration's stated error "
+          f"({calibration.residual:.1%})" + (f": {', '.join(missed)} (was the host's speed steady? "
+                                                "benchmarks/host_speed.py)" if missed else "")
+          + "; calibrating again", flush=True)
+    second = out / "latency_model.recalibrated.json"
+    uncalibrated_copy(model_file, str(second))
+    _calibrate(args, out / "recalibration", str(second), documents)
+    return str(second)
 
 
 def _rows(args, variants, timing, ideal, model_file, documents):
@@ -431,6 +475,11 @@ def _print_table(args, rows, device):
         print(f"{r['variant']:<24} {spread:>22} {r['vs_stock']:>7.2f}x {r['of_ideal']:>8.0%} {predicted:>16} "
               f"{profile_only:>12} "
               f"{memory:>18}  {r['slicing']}")
+    first = [r["first_calibration_error"] for r in rows if "first_calibration_error" in r]
+    if first:
+        now = [r["prediction_error"] for r in rows if "first_calibration_error" in r]
+        print(f"predicted from the second calibration (errors {min(now):+.0%} to {max(now):+.0%}); from the first: "
+              f"{min(first):+.0%} to {max(first):+.0%}")
 
 
 def _draw_timelines(args, traces, predictions, path, with_prediction):

@@ -7,18 +7,25 @@ stage and 10-25% on the last (``benchmarks/bench_engine_overhead.py`` measures i
 side by side). So predictions from the profile alone were 14-29% low. What the engine adds is
 compute, not waiting (a unit's CPU time is its wall time), and it differs by stage and by direction,
 so it is measured where it happens: a short in-engine run of a few candidate slicings records every
-unit's forward and backward (``SeqPipeEngine.slice_trace``), and per stage and direction a unit's
-measured time is fitted as ``factor * model time + seconds per unit`` (non-negative least squares
-over the traced units). The per-unit seconds are what every call costs whatever its size (on the
-2-core EPYC about 25 ms per forward, against a 128-token forward of 70-80 ms: a factor alone, fitted
-on 1 and 4 slices, priced 8-slice forwards 23-31% low while pricing 4 slices right); where the
-traced units have one size only, the factor alone (measured over modelled seconds) is used. A step
+unit's forward and backward in each timed iteration (``SeqPipeEngine.slice_trace``). A unit's time is
+its median over those iterations, so a slowdown of the host during fewer than half of them does not
+move the fit (the 2-core EPYC switches between two speeds within seconds). Per stage and direction a
+unit's measured time is then fitted as ``factor * model time + seconds per unit + sequences * seconds
+per sequence`` (non-negative least squares over the traced units). The extra seconds are what the
+engine costs beyond a unit's size (on the 2-core EPYC about 25 ms per forward of one sequence, against
+a 128-token forward of 70-80 ms: a factor alone, fitted on 1 and 4 slices, priced 8-slice forwards
+23-31% low while pricing 4 slices right). They grow with the unit's sequences: at batch 8 a unit of 8
+sequences x 128 tokens ran 1.5x its profiled time, and over that run's units a per-sequence term fits
+(factors 1.0-1.16, 8-39 ms per sequence) where a per-unit one comes out zero; so where the traced
+units have more than one number of sequences (``seqpipe-bench`` traces a micro-batch of the whole
+batch too) the data chooses between the two. Where the traced units have one size only, the factor
+alone (measured over modelled seconds) is used. A step
 also spends time outside its units (the optimizer step beyond the profiled one, the tied-embedding
-all-reduce, loads, barriers: 0.1-0.2 s per step on the Xeon at the default GPT), the same for every slicing, so after the units
-the median of (measured step - simulated step) over the runs is added to each stage's step
-(``step_extra``, >= 0). ``CostModel.scale``, ``CostModel.unit_extra`` and ``CostModel.step`` carry
-them; a latency model file keeps them (``calibration``), so that every path pricing a plan on that
-many stages uses them.
+all-reduce, loads, barriers: 0.1-0.2 s per step on the Xeon at the default GPT), the same for every
+slicing, so after the units the median of (measured step - simulated step) over the runs is added to
+each stage's step (``step_extra``, >= 0). ``CostModel.scale``, ``unit_extra``, ``sequence_extra`` and
+``step`` carry them; a latency model file keeps them (``calibration``), so that every path
+pricing a plan on that many stages uses them.
 
 The stated error of a calibration is how far its own runs stay from the calibrated model
 (``residual``: the largest relative deviation of a run's step time or of its summed units on one
@@ -29,7 +36,7 @@ import os
 import tempfile
 import statistics
 from dataclasses import dataclass, replace
-from typing import Dict, Iterable, List, NamedTuple, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import nnls
@@ -44,11 +51,11 @@ TraceRow = Sequence
 
 
 class Run(NamedTuple):
-    """One traced in-engine run: what ran, the units' trace of one iteration, its step times."""
+    """One traced in-engine run: what ran, the units' trace of each timed iteration, their step times."""
     schedule: str
     plan: SlicePlan  # of one micro-batch
     micro_batches: int
-    trace: Sequence[TraceRow]
+    traces: Sequence[Sequence[TraceRow]]  # per iteration
     step_times: Sequence[float]
 
 
@@ -57,83 +64,108 @@ class Calibration:
     stages: int
     scale: Tuple[Tuple[float, float], ...]  # per stage (forward, backward) factor
     residual: float  # the stated error: largest relative deviation of a run's step time after calibrating
-    units: int  # traced units it rests on
+    units: int  # traced unit timings it rests on (units x iterations)
     step_extra: float = 0.0  # seconds per step outside the units, added to each stage's step
     unit_extra: Tuple[Tuple[float, float], ...] = ()  # per stage (forward, backward) seconds per unit; (): none
+    sequence_extra: Tuple[Tuple[float, float], ...] = ()  # the same per sequence of a unit; (): none
 
     def apply(self, costs: CostModel) -> CostModel:
-        """``costs`` with the factors, the seconds per unit and the step's extra time."""
-        return replace(costs, scale=self.scale, unit_extra=self.unit_extra or None, step=costs.step + self.step_extra)
+        """``costs`` with the factors, the seconds per unit and per sequence, and the step's extra time."""
+        return replace(costs, scale=self.scale, unit_extra=self.unit_extra or None,
+                       sequence_extra=self.sequence_extra or None, step=costs.step + self.step_extra)
 
     def to_dict(self) -> Dict:
         return {"stages": self.stages, "scale": [list(pair) for pair in self.scale], "residual": self.residual,
                 "units": self.units, "step_extra": self.step_extra,
-                "unit_extra": [list(pair) for pair in self.unit_extra]}
+                "unit_extra": [list(pair) for pair in self.unit_extra],
+                "sequence_extra": [list(pair) for pair in self.sequence_extra]}
 
     @classmethod
     def from_dict(cls, data: Dict) -> "Calibration":
-        return cls(int(data["stages"]), tuple((float(f), float(b)) for f, b in data["scale"]),
-                   float(data["residual"]), int(data["units"]), float(data.get("step_extra", 0.0)),
-                   tuple((float(f), float(b)) for f, b in data.get("unit_extra", ())))
+        def pairs(key):
+            return tuple((float(f), float(b)) for f, b in data.get(key, ()))
+        return cls(int(data["stages"]), pairs("scale"), float(data["residual"]), int(data["units"]),
+                   float(data.get("step_extra", 0.0)), pairs("unit_extra"), pairs("sequence_extra"))
 
 
 def _units(costs: CostModel, runs: Iterable[Run]):
-    """Per run: {(stage, forward?): [(measured seconds, model seconds), ...]} over its traced units."""
+    """Per run: {(stage, forward?): [(measured seconds, model seconds, sequences), ...]} over its units,
+    a unit's measured seconds the median over the run's traced iterations."""
     per_run = []
-    for _, plan, _, trace, _ in runs:
+    for _, plan, _, traces, _ in runs:
         model = costs.unit_times(plan)
-        units: Dict[Tuple[int, bool], List[Tuple[float, float]]] = {}
-        for stage, kind, _, b, s, start, end in trace:
+        durations: Dict[Tuple, List[float]] = {}
+        for trace in traces:
+            for stage, kind, m, b, s, start, end in trace:
+                durations.setdefault((int(stage), kind, int(m), int(b), int(s)), []).append(end - start)
+        units: Dict[Tuple[int, bool], List[Tuple[float, float, int]]] = {}
+        for (stage, kind, _, b, s), seconds in durations.items():
             forward = kind == FORWARD
-            units.setdefault((int(stage), forward), []).append(
-                (end - start, model[int(stage), (int(b), int(s))][0 if forward else 1]))
+            units.setdefault((stage, forward), []).append(
+                (statistics.median(seconds), model[stage, (b, s)][0 if forward else 1], plan.shape((b, s))[0]))
         per_run.append(units)
     return per_run
 
 
-def _affine(pairs: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
-    """(factor, seconds per unit) >= 0 with measured ~ factor * model + seconds, by least squares;
-    the factor alone (measured over modelled seconds) where the units have one modelled size."""
-    measured, model = (np.array(column, dtype=float) for column in zip(*pairs))
+def _affine(units: Sequence[Tuple[float, float, int]]) -> Tuple[float, float, float]:
+    """(factor, seconds per unit, seconds per sequence) >= 0 with measured ~ factor * model + seconds
+    + sequences * seconds, by non-negative least squares over the terms the units tell apart: the
+    factor alone where they have one modelled size, no per-sequence term where they have one number
+    of sequences (it would be the per-unit term again)."""
+    measured, model, sequences = (np.array(column, dtype=float) for column in zip(*units))
     if np.ptp(model) <= 1e-9 * model.max():
-        return float(measured.sum() / model.sum()), 0.0
-    (factor, extra), _ = nnls(np.stack([model, np.ones_like(model)], axis=1), measured)
-    if factor <= 0:
-        return float(measured.sum() / model.sum()), 0.0
-    return float(factor), float(extra)
+        return float(measured.sum() / model.sum()), 0.0, 0.0
+    columns = [model, np.ones_like(model)] + ([sequences] if np.ptp(sequences) > 0 else [])
+    found, _ = nnls(np.stack(columns, axis=1), measured)
+    if found[0] <= 0:
+        return float(measured.sum() / model.sum()), 0.0, 0.0
+    factor, extra, per_sequence = (*found, 0.0)[:3]
+    return float(factor), float(extra), float(per_sequence)
 
 
 def calibrate(costs: CostModel, runs: Sequence[Run]) -> Calibration:
-    """Factors, seconds per unit and the step's extra time of ``costs`` (uncalibrated) from traced
-    in-engine runs."""
-    if costs.scale is not None or costs.unit_extra is not None:
-        raise ValueError("calibrate a cost model without a calibration (CostModel.scale or unit_extra is already set)")
+    """Factors, seconds per unit and per sequence, and the step's extra time of ``costs``
+    (uncalibrated) from traced in-engine runs."""
+    if costs.scale is not None or costs.unit_extra is not None or costs.sequence_extra is not None:
+        raise ValueError("calibrate a cost model without a calibration (CostModel.scale, unit_extra or "
+                         "sequence_extra is already set)")
     per_run = _units(costs, runs)
     fitted = {}
     for stage in range(costs.stages):
         for forward in (True, False):
-            pairs = [pair for run in per_run for pair in run.get((stage, forward), ())]
-            if not pairs or sum(model for _, model in pairs) <= 0:
+            units = [unit for run in per_run for unit in run.get((stage, forward), ())]
+            if not units or sum(model for _, model, _ in units) <= 0:
                 raise ValueError(f"the calibration runs traced no {'forward' if forward else 'backward'} on stage "
                                  f"{stage}")
-            fitted[stage, forward] = _affine(pairs)
-    scale = tuple((fitted[s, True][0], fitted[s, False][0]) for s in range(costs.stages))
-    unit_extra = tuple((fitted[s, True][1], fitted[s, False][1]) for s in range(costs.stages))
-    calibrated = replace(costs, scale=scale, unit_extra=unit_extra)
+            fitted[stage, forward] = _affine(units)
+
+    def term(i):
+        found = tuple((fitted[s, True][i], fitted[s, False][i]) for s in range(costs.stages))
+        return found if i == 0 or any(v for pair in found for v in pair) else ()
+    scale, unit_extra, sequence_extra = term(0), term(1), term(2)
+    calibrated = replace(costs, scale=scale, unit_extra=unit_extra or None, sequence_extra=sequence_extra or None)
     simulated = [calibrated.simulate(run.schedule, run.micro_batches, run.plan).makespan for run in runs]
     measured = [statistics.median(run.step_times) for run in runs]
     extra = max(0.0, statistics.median(m - s for m, s in zip(measured, simulated)))
     # The stated error: the worse of how far a run's step and a run's summed units on one stage stay off.
     steps = max(abs((s + extra) / m - 1) for m, s in zip(measured, simulated))
 
-    def predicted(stage, forward, model):
-        return fitted[stage, forward][0] * model + fitted[stage, forward][1]
-    units = max(abs(sum(m for k in run if k[0] == stage for m, _ in run[k]) /
-                    sum(predicted(*k, model) for k in run if k[0] == stage for _, model in run[k]) - 1)
+    def predicted(stage, forward, model, sequences):
+        factor, per_unit, per_sequence = fitted[stage, forward]
+        return factor * model + per_unit + sequences * per_sequence
+    units = max(abs(sum(m for k in run if k[0] == stage for m, _, _ in run[k]) /
+                    sum(predicted(*k, model, b) for k in run if k[0] == stage for _, model, b in run[k]) - 1)
                 for run in per_run for stage in {k[0] for k in run})
     residual = max(steps, units)
-    return Calibration(costs.stages, scale, residual, sum(len(run.trace) for run in runs), extra,
-                       unit_extra if any(v for pair in unit_extra for v in pair) else ())
+    return Calibration(costs.stages, scale, residual, sum(len(trace) for run in runs for trace in run.traces), extra,
+                       unit_extra, sequence_extra)
+
+
+def misses(calibration: Calibration, held_out: Mapping[str, Tuple[float, float]]) -> List[str]:
+    """The held-out runs, {name: (predicted, measured) step seconds}, whose prediction misses by more
+    than the calibration's stated error."""
+    return [name for name, (predicted, measured) in held_out.items()
+            if abs(predicted / measured - 1) > calibration.residual]
 
 
 def store(model_file: str, calibration: Calibration) -> None:
@@ -141,7 +173,19 @@ def store(model_file: str, calibration: Calibration) -> None:
     with open(model_file) as f:
         data = json.load(f)
     data["calibration"] = calibration.to_dict()
-    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(model_file)), suffix=".tmp")
+    _write(model_file, data)
+
+
+def uncalibrated_copy(model_file: str, target: str) -> None:
+    """``model_file`` without its calibration, at ``target`` (to be calibrated afresh)."""
+    with open(model_file) as f:
+        data = json.load(f)
+    data.pop("calibration", None)
+    _write(target, data)
+
+
+def _write(path: str, data: Dict) -> None:
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
-    os.replace(temporary, model_file)  # never a half-written model file
+    os.replace(temporary, path)  # never a half-written model file

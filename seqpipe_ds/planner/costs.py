@@ -9,9 +9,10 @@ earlier slices, which its attention reads; ``contexts`` is the one place that co
 ``compute(stage, b, l, c)`` is its forward + backward seconds on a stage, ``forward_fraction`` of
 it the forward; ``send(b, l)`` one activation or gradient message between neighbour stages;
 ``step`` each stage's reduction + optimizer step. ``unit_times`` is where a stage's own options
-change a unit's forward / backward split: the calibration's ``scale`` and ``unit_extra``, and
-activation recomputation (``recompute``, one mode for every stage: ``recompute.py``), whose rerun of
-the forward (``recompute_cost``, measured per mode by the profile) lengthens each backward. A schedule that
+change a unit's forward / backward split: the calibration's ``scale``, ``unit_extra`` and
+``sequence_extra``, and activation recomputation (``recompute``, one mode for every stage:
+``recompute.py``), whose rerun of the forward (``recompute_cost``, measured per mode by the profile)
+lengthens each backward. A schedule that
 splits the backward (``slice-zb``) runs ``weight(stage, b, l)`` of it as the unit's W and the rest
 as B (``Costs.weight``); the latency model's measured W, or where it has none Zero Bubble PP's
 t_W = t_F (the forward of the unit without context: the same GEMMs).
@@ -125,6 +126,9 @@ class CostModel:
     # Per stage (forward, backward) seconds the engine adds to every unit beyond the factors (its
     # Python, hooks and wrappers per call), from the same calibration; None: nothing.
     unit_extra: Optional[Tuple[Tuple[float, float], ...]] = None
+    # Per stage (forward, backward) seconds the engine adds per sequence of a unit (a unit of b
+    # sequences: b times them), from the same calibration; None: nothing.
+    sequence_extra: Optional[Tuple[Tuple[float, float], ...]] = None
     recompute: str = "none"
     recompute_cost: Mapping[str, Callable[[int, int, int, int], float]] = field(default_factory=dict, hash=False)
     # W seconds of a unit of b sequences and l tokens on a stage (before ``scale``); None: t_W = t_F
@@ -164,10 +168,13 @@ class CostModel:
         """(forward, backward) seconds of units of shape (b, l, c) on ``stage`` (numbers or arrays):
         the forward share of the compute, the rest plus the recomputation's rerun in the backward,
         each by the calibration's factors (the rerun is forward work: the forward's) plus its
-        seconds per unit."""
+        seconds per unit and per sequence."""
         t = self.compute(stage, b, l, c)
         forward, backward = self.scale[stage] if self.scale else (1.0, 1.0)
         forward_extra, backward_extra = self.unit_extra[stage] if self.unit_extra else (0.0, 0.0)
+        if self.sequence_extra:
+            forward_extra = forward_extra + b * self.sequence_extra[stage][0]
+            backward_extra = backward_extra + b * self.sequence_extra[stage][1]
         rerun = self.recompute_cost[self.recompute](stage, b, l, c) if self.recompute != "none" else 0.0
         return (t * self.forward_fraction * forward + forward_extra,
                 t * (1 - self.forward_fraction) * backward + rerun * forward + backward_extra)
