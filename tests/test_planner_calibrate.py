@@ -9,7 +9,8 @@ import pytest
 from seqpipe_ds.planner.calibrate import Calibration, Run, calibrate, misses, store
 from seqpipe_ds.planner.costs import CostModel
 from seqpipe_ds.planner.fit import read_model_file
-from seqpipe_ds.planner.planning import cost_model
+from seqpipe_ds.planner.planning import (calibration_runs, calibration_variants, cost_model,
+                                         keep_first_predictions, recalibration_due, variant_plan)
 from seqpipe_ds.schedules.actions import BACKWARD, FORWARD
 from seqpipe_ds.slicing import make_plan
 
@@ -171,3 +172,56 @@ def test_unsliced_1f1b_wins_within_the_stated_error():
     assert prefer_unsliced(result, 0.0).best is sliced
     without = SearchResult(best=sliced, evaluated=2, smallest_peak=sliced, fitting=2, candidates=[sliced, other])
     assert prefer_unsliced(without, 0.5).best is sliced
+
+
+def test_the_bench_calibration_variants_identify_every_term():
+    """What ``seqpipe-bench`` launches to calibrate (planning.calibration_variants) tells every term apart
+    at batch 8: with the whole-batch micro-batch the per-sequence seconds are recovered, and an 8-slice
+    micro-batch of 8 sequences is priced exactly; at batch 1 there are only units of one sequence."""
+    profile = profile_costs()
+    engine = engine_of(profile)
+    variants = calibration_variants(8, SEQ, 64)
+    assert list(variants) == ["calibration: 1 slice(s)", "calibration: 4 slice(s)", "calibration: 8 slice(s)",
+                              "calibration: 8 slice(s) of 8"]
+    schedule, whole, micro_batches = variant_plan(variants["calibration: 8 slice(s) of 8"], 3, 8, SEQ)
+    assert (schedule, micro_batches, whole.shape((0, 0))) == ("slice-1f1b", 1, (8, SEQ // 8))
+    runs = []
+    for variant in variants.values():
+        schedule, plan, micro_batches = variant_plan(variant, 3, 8, SEQ)
+        runs.append(traced_run(engine, schedule, micro_batches, plan))
+    timing = {"timed_traces": {name: run.traces for name, run in zip(variants, runs)},
+              "times": {name: run.step_times for name, run in zip(variants, runs)}}
+    assert calibration_runs(variants, timing, 3, 8, SEQ) == runs
+    found = calibrate(profile, runs)
+    np.testing.assert_allclose(np.array(found.sequence_extra), np.array(TRUE_SEQUENCE_EXTRA), rtol=0, atol=1e-11)
+    np.testing.assert_allclose(np.array(found.unit_extra), np.array(TRUE_UNIT_EXTRA), rtol=0, atol=1e-11)
+    wide = make_plan(1, 8, 8, SEQ)
+    assert found.apply(profile).simulate("terapipe", 1, wide).makespan == pytest.approx(
+        engine.simulate("terapipe", 1, wide).makespan, rel=1e-9)
+    assert "stage 2 x1.12 + 0.0 ms + 3.0 ms/seq / x1.25 + 3.0 ms + 0.0 ms/seq" in found.describe()
+    one = calibration_variants(1, SEQ, 64)
+    assert list(one) == list(variants)[:3] and all(v["gradient_accumulation"] == 1 for v in one.values())
+    assert list(calibration_variants(2, SEQ, 256)) == ["calibration: 1 slice(s)", "calibration: 1 slice(s) of 2"]
+    with pytest.raises(ValueError, match="at least 1024"):
+        calibration_variants(2, SEQ, 1024)
+
+
+def test_recalibration_is_due_where_a_timed_run_misses(fitted_recompute_model):
+    path = str(fitted_recompute_model)
+    with pytest.raises(ValueError, match="no calibration"):
+        recalibration_due(path, [], "on-miss")
+    store(path, Calibration(2, ((1.0, 1.0), (1.0, 1.0)), 0.05, 10))
+    rows = [{"variant": "within", "predicted_s": 1.04, "s_per_iter": 1.0},
+            {"variant": "ideal", "s_per_iter": 0.5}]  # rows without a prediction are not checked
+    assert recalibration_due(path, rows, "on-miss") == (False, [])
+    assert recalibration_due(path, rows, "always") == (True, [])
+    rows.append({"variant": "low", "predicted_s": 0.9, "s_per_iter": 1.0})
+    assert recalibration_due(path, rows, "on-miss") == (True, ["low"])
+    assert recalibration_due(path, rows, "never") == (False, ["low"])
+    with pytest.raises(ValueError, match="on-miss, always, never"):
+        recalibration_due(path, rows, "sometimes")
+    second = [{**row, "predicted_s": 1.0} if "predicted_s" in row else dict(row) for row in rows]
+    keep_first_predictions(rows, second)
+    assert second[2]["first_calibration_predicted_s"] == 0.9
+    assert second[2]["first_calibration_error"] == pytest.approx(-0.1, rel=1e-12)
+    assert "first_calibration_predicted_s" not in second[1]

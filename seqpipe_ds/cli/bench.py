@@ -49,24 +49,20 @@ from typing import List, Optional
 from ..data import ByteTokenizer
 from ..model.presets import PRESETS, fill_shape, options
 from ..planner.budget import budget, stock_need
-from ..planner.calibrate import Calibration, Run, calibrate, misses, store, uncalibrated_copy
+from ..planner.calibrate import Calibration, calibrate, store, uncalibrated_copy
 from ..planner.documents import EMBEDDED, document_data, measured_documents
 from ..planner.fit import fit_profile, fit_summary, read_model_file, write_model_file
 from ..planner.memory_model import format_bytes, parse_bytes
 from ..planner.plan_file import write_plan
-from ..planner.planning import (bench_plans, cost_model, entry, model_fields, pipeline_entry, predict_run,
-                                variant_plan)
-from ..planner.recompute import granularity, mode_of
+from ..planner.planning import (CALIBRATION_REPEATS, RECALIBRATE_WHEN, bench_plans, bench_variant,
+                                calibration_runs, calibration_variants, cost_model, entry, keep_first_predictions,
+                                model_fields, pipeline_entry, predict_run, recalibration_due, variant_plan)
+from ..planner.recompute import mode_of
 from ..schedules import SCHEDULES, Action, Segment
 
 MIB = 2 ** 20
 # With --memory-limit: the two sides' picks, timed with the other variants and reported in a table of their own.
 BUDGET_VARIANTS = ("stock within the limit", "seqpipe within the limit")
-# The calibration run: slice counts of slice-1f1b on micro-batches of one sequence (1: stock's unsliced 1F1B),
-# those whose slices are at least the granularity (the shortest slice the profile times and the planner picks).
-CALIBRATION_SLICES = (1, 4, 8)
-# Its timed iterations per slicing, each traced: a unit's time is its median over them (planner/calibrate.py).
-CALIBRATION_REPEATS = 3
 
 MODEL_FLAGS = ("num-layers", "hidden-size", "num-attention-heads", "vocab-size", "seq-length")
 # Without --model-preset: sized for a first run on a 2-core CPU (a few minutes); --full: the README's comparison
@@ -104,16 +100,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("timing the same work in one process (the bubble-free ideal)", flush=True)
     # With packed documents seqpipe's engine, unsliced: the block attention per document (stock's is the dense mask).
     one_process = {"seq_slices": 1, "schedule": "slice-1f1b"} if args.documents else None
-    ideal = _launch(args, 1, {"single stage": _variant(args.batch_size, 1, one_process)}, out / "single")
+    ideal = _launch(args, 1, {"single stage": bench_variant(args.batch_size, 1, one_process)}, out / "single")
     rows, predictions = _rows(args, variants, timing, ideal, model_file, documents)
     recalibrated = _recalibrate(args, out, model_file, documents, rows) if model_file and not args.plan else None
     if recalibrated:
-        first = {row["variant"]: row.get("predicted_s") for row in rows}
+        first = rows
         rows, predictions = _rows(args, variants, timing, ideal, recalibrated, documents)
-        for row in rows:
-            if first.get(row["variant"]):
-                row["first_calibration_predicted_s"] = first[row["variant"]]
-                row["first_calibration_error"] = first[row["variant"]] / row["s_per_iter"] - 1
+        keep_first_predictions(first, rows)
     budget_rows = {row["variant"]: row for row in rows if row["variant"] in BUDGET_VARIANTS}
     _print_table(args, [row for row in rows if row["variant"] not in BUDGET_VARIANTS], timing["device"])
     result = {"config": vars(args), "device": timing["device"], "rows": rows, "recalibrated": recalibrated}
@@ -167,7 +160,7 @@ def _parser():
     p.add_argument("--eod", type=int, default=ByteTokenizer.eod,
                    help="with --documents: the data's end-of-document id (default: the byte-level tokenizer's)")
     p.add_argument("--png", help="write the measured and the predicted per-stage timeline of one variant here")
-    p.add_argument("--recalibrate", choices=("on-miss", "always", "never"), default="on-miss",
+    p.add_argument("--recalibrate", choices=RECALIBRATE_WHEN, default="on-miss",
                    help="calibrate once more after the timed runs and predict them from that calibration: where "
                         "one misses its prediction by more than the stated error (default), always, or never")
     p.add_argument("--png-variant", help="the variant drawn with --png (default: the last schedule's planned run)")
@@ -179,11 +172,6 @@ def _model(args):
             "num_attention_heads": args.num_attention_heads, "vocab_size": args.vocab_size,
             "max_position_embeddings": args.seq_length, **(options(args.model_preset) if args.model_preset else {}),
             **({"reset_attention_mask": True, "reset_position_ids": True} if args.documents else {})}
-
-
-def _variant(micro_batch_size, gradient_accumulation, seqpipe, recompute="none"):
-    return {"micro_batch_size": micro_batch_size, "gradient_accumulation": gradient_accumulation,
-            "seqpipe": seqpipe, "recompute": granularity(recompute)}
 
 
 def _budget(args, out, model_file):
@@ -210,9 +198,9 @@ def _budget(args, out, model_file):
 def _budget_variants(limited, out):
     """The two picks as bench variants: stock DeepSpeed's engine, and seqpipe's from its plan file."""
     stock, seqpipe = limited.stock.within, limited.seqpipe.within
-    return {BUDGET_VARIANTS[0]: _variant(stock.micro_batch_size, stock.micro_batches, None, stock.recompute),
-            BUDGET_VARIANTS[1]: _variant(seqpipe.micro_batch_size, seqpipe.micro_batches,
-                                         {"plan": os.path.abspath(out / "budget_results.json")}, seqpipe.recompute)}
+    plan = {"plan": os.path.abspath(out / "budget_results.json")}
+    return {BUDGET_VARIANTS[0]: bench_variant(stock.micro_batch_size, stock.micro_batches, None, stock.recompute),
+            BUDGET_VARIANTS[1]: bench_variant(seqpipe.micro_batch_size, seqpipe.micro_batches, plan, seqpipe.recompute)}
 
 
 def _variants(args, plan_file, makespan_file=None):
@@ -220,16 +208,18 @@ def _variants(args, plan_file, makespan_file=None):
     variants stream the same single sequences (micro-batches of 1), each cut into k slices; the
     planned variant runs the plan's batch and sequence slicing on one micro-batch. The makespan-planned
     variant runs the search's micro-batch split, slicing and schedule (the plan file names it)."""
-    variants = {"stock DeepSpeed": _variant(1, args.batch_size, None)}
+    variants = {"stock DeepSpeed": bench_variant(1, args.batch_size, None)}
     for schedule in args.schedules:
         for n in args.uniform:
-            variants[f"{schedule} uniform {n}"] = _variant(1, args.batch_size, {"seq_slices": n, "schedule": schedule})
-        variants[f"{schedule} planned"] = _variant(args.batch_size, 1, {"plan": os.path.abspath(plan_file),
-                                                                        "schedule": schedule})
+            variants[f"{schedule} uniform {n}"] = bench_variant(1, args.batch_size,
+                                                                {"seq_slices": n, "schedule": schedule})
+        variants[f"{schedule} planned"] = bench_variant(args.batch_size, 1, {"plan": os.path.abspath(plan_file),
+                                                                             "schedule": schedule})
     if makespan_file:
         entry = pipeline_entry(makespan_file, args.stages, args.batch_size)
-        variants["makespan planned"] = _variant(entry.micro_batch_size, args.batch_size // entry.micro_batch_size,
-                                                {"plan": os.path.abspath(makespan_file)})
+        variants["makespan planned"] = bench_variant(entry.micro_batch_size,
+                                                     args.batch_size // entry.micro_batch_size,
+                                                     {"plan": os.path.abspath(makespan_file)})
     return variants
 
 
@@ -336,46 +326,27 @@ def _make_plan(args, out, documents):
 
 
 def _calibrate(args, stem, model_file, documents):
-    """The traced in-engine run of ``CALIBRATION_SLICES``; its per-stage factors and seconds per unit go
-    into the model file."""
-    micro_batches = min(args.batch_size, 2)
-    counts = [k for k in CALIBRATION_SLICES if args.seq_length // k >= args.granularity]
-    variants = {f"calibration: {k} slice(s)": _variant(1, micro_batches, {"seq_slices": k, "schedule": "slice-1f1b"})
-                for k in counts}
-    whole = f", and {counts[-1]} slices of one micro-batch of {args.batch_size} sequences" \
-        if args.batch_size > 1 else ""
-    if whole:  # units of several sequences: what the engine adds per sequence (planner/calibrate.py)
-        variants[f"calibration: {counts[-1]} slice(s) of {args.batch_size}"] = _variant(
-            args.batch_size, 1, {"seq_slices": counts[-1], "schedule": "slice-1f1b"})
-    print(f"calibrating in the engine: slice-1f1b with {', '.join(map(str, counts))} slice(s) of "
-          f"{micro_batches} micro-batch(es) of one sequence{whole}; one warm-up + {CALIBRATION_REPEATS} traced "
+    """The traced in-engine run (planning.calibration_variants); its per-stage terms go into the model file."""
+    variants = calibration_variants(args.batch_size, args.seq_length, args.granularity)
+    print(f"calibrating in the engine: slice-1f1b as {', '.join(v.split(': ')[1] for v in variants)} (of micro-"
+          f"batches of one sequence, or of {args.batch_size}); one warm-up + {CALIBRATION_REPEATS} traced "
           "iterations each", flush=True)
-    timing = _launch(args, args.stages, variants, stem, warmup=1, repeats=CALIBRATION_REPEATS,
-                     trace_timed=True)
-    runs = [Run(*variant_plan(variant, args.stages, args.batch_size, args.seq_length), timing["timed_traces"][name],
-                timing["times"][name]) for name, variant in variants.items()]
+    timing = _launch(args, args.stages, variants, stem, warmup=1, repeats=CALIBRATION_REPEATS, trace_timed=True)
+    runs = calibration_runs(variants, timing, args.stages, args.batch_size, args.seq_length)
     calibration = calibrate(cost_model(read_model_file(model_file), args.stages, documents=documents), runs)
     store(model_file, calibration)
-    none = ((0.0, 0.0),) * len(calibration.scale)
-    factors = ", ".join(f"stage {s} x{f:.2f} + {1e3 * ef:.1f} ms + {1e3 * qf:.1f} ms/seq / x{b:.2f} + "
-                        f"{1e3 * eb:.1f} ms + {1e3 * qb:.1f} ms/seq"
-                        for s, ((f, b), (ef, eb), (qf, qb)) in enumerate(zip(
-                            calibration.scale, calibration.unit_extra or none, calibration.sequence_extra or none)))
-    print(f"engine over profile per unit, forward / backward: {factors}; outside the units "
-          f"{calibration.step_extra:.3f} s per step (stated error {calibration.residual:.1%})")
+    print(f"engine over profile per unit, forward / backward: {calibration.describe()}")
 
 
 def _recalibrate(args, out, model_file, documents, rows):
     """The second calibration's model file, or None where none is due (``--recalibrate``)."""
-    calibration = Calibration.from_dict(read_model_file(model_file).calibration)
-    missed = misses(calibration, {row["variant"]: (row["predicted_s"], row["s_per_iter"])
-                                  for row in rows if row.get("predicted_s")})
-    if args.recalibrate == "never" or (args.recalibrate == "on-miss" and not missed):
+    due, missed = recalibration_due(model_file, rows, args.recalibrate)
+    if not due:
         return None
+    residual = Calibration.from_dict(read_model_file(model_file).calibration).residual
     print(f"{len(missed)} timed run(s) missed their prediction by more than the calibration's stated error "
-          f"({calibration.residual:.1%})" + (f": {', '.join(missed)} (was the host's speed steady? "
-                                                "benchmarks/host_speed.py)" if missed else "")
-          + "; calibrating again", flush=True)
+          f"({residual:.1%})" + (f": {', '.join(missed)} (was the host's speed steady? benchmarks/host_speed.py)"
+                                 if missed else "") + "; calibrating again", flush=True)
     second = out / "latency_model.recalibrated.json"
     uncalibrated_copy(model_file, str(second))
     _calibrate(args, out / "recalibration", str(second), documents)

@@ -74,6 +74,16 @@ class Calibration:
         return replace(costs, scale=self.scale, unit_extra=self.unit_extra or None,
                        sequence_extra=self.sequence_extra or None, step=costs.step + self.step_extra)
 
+    def describe(self) -> str:
+        """Per stage the fitted terms, forward / backward, the step's extra time and the stated error."""
+        none = ((0.0, 0.0),) * self.stages
+        terms = ", ".join(f"stage {s} x{f:.2f} + {1e3 * ef:.1f} ms + {1e3 * qf:.1f} ms/seq / x{b:.2f} + "
+                          f"{1e3 * eb:.1f} ms + {1e3 * qb:.1f} ms/seq"
+                          for s, ((f, b), (ef, eb), (qf, qb)) in enumerate(zip(
+                              self.scale, self.unit_extra or none, self.sequence_extra or none)))
+        return (f"{terms}; outside the units {self.step_extra:.3f} s per step (stated error "
+                f"{self.residual:.1%})")
+
     def to_dict(self) -> Dict:
         return {"stages": self.stages, "scale": [list(pair) for pair in self.scale], "residual": self.residual,
                 "units": self.units, "step_extra": self.step_extra,

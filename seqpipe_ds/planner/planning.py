@@ -11,8 +11,11 @@ plan, as library calls (the commands parse, call these and print).
   memory limit (what ``seqpipe-bench --memory-limit`` runs).
 * ``entry``: a plan-file entry for either, recording the micro-batches its latency is for, so that
   ``simulate_entry`` (``seqpipe-plan show``) reproduces the latency.
-* ``bench_plans``, ``variant_plan`` and ``predict_run``: what ``seqpipe-bench`` plans, runs and
-  predicts for each of its variants (``seqpipe_ds.benchmark``'s spec).
+* ``bench_plans``, ``bench_variant``, ``variant_plan`` and ``predict_run``: what ``seqpipe-bench``
+  plans, runs and predicts for each of its variants (``seqpipe_ds.benchmark``'s spec).
+* ``calibration_variants``, ``calibration_runs``, ``recalibration_due`` and
+  ``keep_first_predictions``: its in-engine calibration (``calibrate.py``), and the second one where
+  a timed run misses its prediction by more than the first's stated error.
 
 Each takes ``documents`` (``documents.PackedDocuments``, the measured document lengths) to plan and
 price packed documents: the expected same-document context of every slice instead of the causal one;
@@ -24,13 +27,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..model.presets import options
 from ..schedules import SimResult
 from ..slicing import SlicePlan, make_plan
-from .calibrate import Calibration
+from .calibrate import Calibration, Run, misses
 from .costs import Candidate, CostModel, simulate_plan
 from .documents import DocumentLatencyModel, DocumentLengths, PackedDocuments
 from .fit import ModelFile, read_model_file
 from .memory_model import MemoryModel, stage_parameters
 from .plan_file import PlanEntry, PlanFileError, read_plans, write_plan
-from .recompute import RECOMPUTE_MODES
+from .recompute import RECOMPUTE_MODES, granularity
 from .search import (SCHEDULE_NAMES, MemoryByMode, SearchResult, divisors, fastest_fitting, prefer_unsliced,
                      search, stock_candidates)
 from .solve import solve
@@ -225,6 +228,75 @@ def pipeline_entry(plan_file: str, stages: int, batch_size: int) -> PlanEntry:
     if not entries:
         raise PlanFileError(f"{plan_file} has no plan for {stages} stages and a micro-batch dividing {batch_size}")
     return entries[0]
+
+
+def bench_variant(micro_batch_size: int, gradient_accumulation: int, seqpipe: Optional[Dict],
+                  recompute: str = "none") -> Dict:
+    """One variant of ``seqpipe_ds.benchmark``'s spec: micro-batches of ``micro_batch_size`` sequences,
+    ``gradient_accumulation`` of them per step, ``seqpipe`` the ds_config section (None: stock
+    DeepSpeed) and ``recompute`` a plan's recomputation mode."""
+    return {"micro_batch_size": micro_batch_size, "gradient_accumulation": gradient_accumulation,
+            "seqpipe": seqpipe, "recompute": granularity(recompute)}
+
+
+# The calibration run: slice counts of slice-1f1b on micro-batches of one sequence (1: stock's unsliced 1F1B),
+# those whose slices are at least the granularity (the shortest slice the profile times and the planner picks).
+CALIBRATION_SLICES = (1, 4, 8)
+# Its timed iterations per slicing, each traced: a unit's time is its median over them (calibrate.py).
+CALIBRATION_REPEATS = 3
+
+
+def calibration_variants(batch_size: int, seq_length: int, granularity_tokens: int) -> Dict[str, Dict]:
+    """The in-engine calibration run's variants: slice-1f1b with each of ``CALIBRATION_SLICES`` whose
+    slices are at least ``granularity_tokens``, on up to two micro-batches of one sequence; and where
+    ``batch_size`` > 1 the most slices on one micro-batch of the whole batch, so that the fit sees units
+    of several sequences and can tell what the engine adds per sequence (calibrate.py)."""
+    counts = [k for k in CALIBRATION_SLICES if seq_length // k >= granularity_tokens]
+    if not counts:
+        raise ValueError(f"no calibration slicing of {seq_length} tokens has slices of at least "
+                         f"{granularity_tokens} (the granularity)")
+    micro_batches = min(batch_size, 2)
+    variants = {f"calibration: {k} slice(s)": bench_variant(1, micro_batches,
+                                                            {"seq_slices": k, "schedule": "slice-1f1b"})
+                for k in counts}
+    if batch_size > 1:
+        variants[f"calibration: {counts[-1]} slice(s) of {batch_size}"] = bench_variant(
+            batch_size, 1, {"seq_slices": counts[-1], "schedule": "slice-1f1b"})
+    return variants
+
+
+def calibration_runs(variants: Mapping[str, Mapping], timing: Mapping, stages: int, batch_size: int,
+                     seq_length: int) -> List[Run]:
+    """The traced runs of a calibration launch (``seqpipe_ds.benchmark``'s result with ``trace_timed``)."""
+    return [Run(*variant_plan(variant, stages, batch_size, seq_length), timing["timed_traces"][name],
+                timing["times"][name]) for name, variant in variants.items()]
+
+
+RECALIBRATE_WHEN = ("on-miss", "always", "never")
+
+
+def recalibration_due(model_file: str, rows: Sequence[Mapping], when: str) -> Tuple[bool, List[str]]:
+    """(whether to calibrate again, the timed rows that missed): a row misses where its prediction
+    (``predicted_s``) is further from its measured ``s_per_iter`` than the model file's calibration
+    states; ``when`` is one of ``RECALIBRATE_WHEN``."""
+    if when not in RECALIBRATE_WHEN:
+        raise ValueError(f"recalibrate {when!r} is not one of {', '.join(RECALIBRATE_WHEN)}")
+    found = read_model_file(model_file)
+    if found.calibration is None:
+        raise ValueError(f"{model_file} has no calibration to check")
+    missed = misses(Calibration.from_dict(found.calibration),
+                    {row["variant"]: (row["predicted_s"], row["s_per_iter"]) for row in rows if row.get("predicted_s")})
+    return when == "always" or (when == "on-miss" and bool(missed)), missed
+
+
+def keep_first_predictions(first: Sequence[Mapping], rows: Sequence[Dict]) -> None:
+    """Records in ``rows`` (predicted from a second calibration) the first calibration's prediction of
+    each variant and its error against the measured step (``first_calibration_predicted_s``, ``_error``)."""
+    predicted = {row["variant"]: row.get("predicted_s") for row in first}
+    for row in rows:
+        if predicted.get(row["variant"]):
+            row["first_calibration_predicted_s"] = predicted[row["variant"]]
+            row["first_calibration_error"] = predicted[row["variant"]] / row["s_per_iter"] - 1
 
 
 def variant_plan(variant: Mapping, stages: int, batch_size: int, seq_length: int) -> Tuple[str, SlicePlan, int]:
