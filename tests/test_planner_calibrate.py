@@ -19,6 +19,7 @@ TRUE_SCALE = ((1.04, 1.09), (1.21, 1.17), (1.12, 1.25))  # the "engine": each st
 TRUE_EXTRA = 0.03  # and seconds per step outside the units
 TRUE_UNIT_EXTRA = ((0.004, 0.0), (0.006, 0.002), (0.0, 0.003))  # and seconds per forward / backward call
 TRUE_SEQUENCE_EXTRA = ((0.002, 0.005), (0.0, 0.001), (0.003, 0.0))  # and per sequence of a unit
+TRUE_GAP = 0.004  # and seconds around every forward and backward instruction, outside the unit
 
 
 def profile_costs(stages=3):
@@ -28,14 +29,15 @@ def profile_costs(stages=3):
     return CostModel(stages=stages, compute=compute, send=lambda b, l: 1e-5 * b * l, forward_fraction=0.35)
 
 
-def engine_of(profile):
+def engine_of(profile, gap=0.0):
     return Calibration(profile.stages, TRUE_SCALE, 0.0, 0, TRUE_EXTRA, TRUE_UNIT_EXTRA,
-                       TRUE_SEQUENCE_EXTRA).apply(profile)
+                       TRUE_SEQUENCE_EXTRA, gap).apply(profile)
 
 
 def traced_run(engine, schedule, micro_batches, plan, noise=0.0, seed=0):
     """What ``seqpipe_ds.benchmark`` records for a seqpipe run, here from the simulator of a known
-    engine: the units of each of two timed iterations and their step times."""
+    engine: the units of each of two timed iterations and their step times (a unit's trace ends
+    before the engine's gap around it)."""
     result = engine.simulate(schedule, micro_batches, plan)
     rng = np.random.default_rng(seed)
     iterations = []
@@ -43,7 +45,7 @@ def traced_run(engine, schedule, micro_batches, plan, noise=0.0, seed=0):
         rows = []
         for seg in result.segments:
             if seg.kind in (FORWARD, BACKWARD):
-                duration = (seg.end - seg.start) * (1 + noise * rng.uniform(-1, 1))
+                duration = (seg.end - seg.start - engine.gap) * (1 + noise * rng.uniform(-1, 1))
                 rows.append([seg.stage, seg.kind, *seg.action.key, seg.start, seg.start + duration])
         iterations.append(rows)
     steps = [result.makespan * (1 + noise * rng.uniform(-1, 1)) for _ in range(2)]
@@ -85,6 +87,33 @@ def test_recovers_the_engine_factors_exactly():
     actual = engine.simulate("slice-1f1b", 1, wide).makespan
     assert single.apply(profile).simulate("slice-1f1b", 1, wide).makespan < 0.97 * actual
     assert found.apply(profile).simulate("slice-1f1b", 1, wide).makespan == pytest.approx(actual, rel=1e-9)
+
+
+def test_the_gap_around_every_instruction_is_fitted_from_the_steps():
+    """The engine spends time around each F and B that no traced unit shows: where the runs have
+    different numbers of instructions on their longest paths, the step residuals tell it from the
+    per-step time, and a held-out run of many more units is predicted exactly; without it (the step's
+    extra time alone, the median residual) that run is priced low by more than the stated error."""
+    profile = profile_costs()
+    engine = engine_of(profile, TRUE_GAP)
+    runs = [traced_run(engine, "slice-1f1b", 2, make_plan(1, 1, 1, SEQ)),
+            traced_run(engine, "slice-1f1b", 2, make_plan(1, 4, 1, SEQ)),
+            traced_run(engine, "slice-1f1b", 1, make_plan(1, 4, 3, SEQ))]
+    found = calibrate(profile, runs)
+    assert found.gap == pytest.approx(TRUE_GAP, rel=1e-9) and found.step_extra == pytest.approx(TRUE_EXTRA, rel=1e-9)
+    np.testing.assert_allclose(np.array(found.scale), np.array(TRUE_SCALE), rtol=1e-9)
+    assert found.residual < 1e-9
+    assert Calibration.from_dict(json.loads(json.dumps(found.to_dict()))) == found
+    many = make_plan(1, 8, 1, SEQ)
+    actual = engine.simulate("terapipe", 6, many).makespan  # 48 units per stage, against at most 8 fitted
+    assert found.apply(profile).simulate("terapipe", 6, many).makespan == pytest.approx(actual, rel=1e-9)
+    no_gap = replace(found, gap=0.0, step_extra=0.0)
+    median = float(np.median([np.median(run.step_times) - no_gap.apply(profile).simulate(
+        run.schedule, run.micro_batches, run.plan).makespan for run in runs]))
+    median_only = replace(no_gap, step_extra=median)
+    assert median_only.apply(profile).simulate("terapipe", 6, many).makespan < (1 - 0.05) * actual
+    # One run cannot tell the gap from the step's extra time: the gap is 0 there.
+    assert calibrate(profile, runs[1:2]).gap == 0.0
 
 
 def test_noisy_traces_predict_a_held_out_run_within_the_stated_error():

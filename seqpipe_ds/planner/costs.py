@@ -10,9 +10,9 @@ earlier slices, which its attention reads; ``contexts`` is the one place that co
 it the forward; ``send(b, l)`` one activation or gradient message between neighbour stages;
 ``step`` each stage's reduction + optimizer step. ``unit_times`` is where a stage's own options
 change a unit's forward / backward split: the calibration's ``scale``, ``unit_extra`` and
-``sequence_extra``, and activation recomputation (``recompute``, one mode for every stage:
-``recompute.py``), whose rerun of the forward (``recompute_cost``, measured per mode by the profile)
-lengthens each backward. A schedule that
+``sequence_extra`` (its ``gap`` is charged around units, in ``costs``), and activation
+recomputation (``recompute``, one mode for every stage: ``recompute.py``), whose rerun of the
+forward (``recompute_cost``, measured per mode by the profile) lengthens each backward. A schedule that
 splits the backward (``slice-zb``) runs ``weight(stage, b, l)`` of it as the unit's W and the rest
 as B (``Costs.weight``); the latency model's measured W, or where it has none Zero Bubble PP's
 t_W = t_F (the forward of the unit without context: the same GEMMs).
@@ -129,6 +129,10 @@ class CostModel:
     # Per stage (forward, backward) seconds the engine adds per sequence of a unit (a unit of b
     # sequences: b times them), from the same calibration; None: nothing.
     sequence_extra: Optional[Tuple[Tuple[float, float], ...]] = None
+    # Seconds the engine spends around every forward and backward instruction, outside the unit itself
+    # (receive buffers, the sends' bookkeeping, the instruction loop), from the same calibration; the
+    # simulator charges it to each F and B, ``unit_times`` leaves it out (a traced unit has none of it).
+    gap: float = 0.0
     recompute: str = "none"
     recompute_cost: Mapping[str, Callable[[int, int, int, int], float]] = field(default_factory=dict, hash=False)
     # W seconds of a unit of b sequences and l tokens on a stage (before ``scale``); None: t_W = t_F
@@ -199,12 +203,12 @@ class CostModel:
         return times
 
     def costs(self, plan: SlicePlan) -> Costs:
-        """The simulator's costs of ``plan``'s units."""
+        """The simulator's costs of ``plan``'s units: their times, each F and B with the ``gap``."""
         times = self.unit_times(plan)
         sends = {unit: float(self.send(*plan.shape(unit))) for unit in plan.units()}
         weights = {(stage, unit): min(self.weight_time(stage, *plan.shape(unit)), times[stage, unit][1])
                    for stage, unit in times}
-        return Costs(compute=lambda stage, a: times[stage, a.unit][0 if a.kind == FORWARD else 1],
+        return Costs(compute=lambda stage, a: times[stage, a.unit][0 if a.kind == FORWARD else 1] + self.gap,
                      send=lambda a: sends[a.unit], step=self.step, weight=lambda stage, a: weights[stage, a.unit])
 
     def simulate(self, schedule: str, micro_batches: int, plan: SlicePlan,
