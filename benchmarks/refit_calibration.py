@@ -13,9 +13,9 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
+from dataclasses import replace
 
-from seqpipe_ds.planner.calibrate import calibrate, store, uncalibrated_copy
+from seqpipe_ds.planner.calibrate import calibrate
 from seqpipe_ds.planner.fit import read_model_file
 from seqpipe_ds.planner.planning import calibration_runs, cost_model, predict_run, variant_plan
 from seqpipe_ds.planner.recompute import mode_of
@@ -37,13 +37,10 @@ def main():
     if config.get("documents"):
         raise SystemExit("a bench of packed documents prices its runs with the documents' attention: not refitted here")
     stages, batch_size, seq_length = spec["stages"], config["batch_size"], config["seq_length"]
-    with tempfile.TemporaryDirectory() as folder:
-        model_file = os.path.join(folder, "latency_model.json")
-        uncalibrated_copy(os.path.join(args.out, "latency_model.json"), model_file)
-        runs = calibration_runs(spec["variants"], traced, stages, batch_size, seq_length)
-        calibration = calibrate(cost_model(read_model_file(model_file), stages), runs)
-        store(model_file, calibration)
-        found = read_model_file(model_file)
+    uncalibrated = replace(read_model_file(os.path.join(args.out, "latency_model.json")), calibration=None)
+    runs = calibration_runs(spec["variants"], traced, stages, batch_size, seq_length)
+    calibration = calibrate(cost_model(uncalibrated, stages), runs)
+    found = replace(uncalibrated, calibration=calibration.to_dict())
     print(f"refitted {args.stem} of {args.out}: {calibration.describe()}")
     errors = []
     for name, variant in timed_spec["variants"].items():

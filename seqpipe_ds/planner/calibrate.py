@@ -164,9 +164,7 @@ def calibrate(costs: CostModel, runs: Sequence[Run]) -> Calibration:
     scale, unit_extra, sequence_extra = term(0), term(1), term(2)
     calibrated = replace(costs, scale=scale, unit_extra=unit_extra or None, sequence_extra=sequence_extra or None)
     measured = [statistics.median(run.step_times) for run in runs]
-    extra, gap = _step_terms(calibrated, runs, measured)
-    simulated = [replace(calibrated, gap=gap).simulate(run.schedule, run.micro_batches, run.plan).makespan
-                 for run in runs]
+    extra, gap, simulated = _step_terms(calibrated, runs, measured)
     # The stated error: the worse of how far a run's step and a run's summed units on one stage stay off.
     steps = max(abs((s + extra) / m - 1) for m, s in zip(measured, simulated))
 
@@ -184,9 +182,11 @@ def calibrate(costs: CostModel, runs: Sequence[Run]) -> Calibration:
 GAP_STEP = 1e-3  # seconds: the trial gap whose effect on a simulated step gives the step's slope in the gap
 
 
-def _step_terms(calibrated: CostModel, runs: Sequence[Run], measured: Sequence[float]) -> Tuple[float, float]:
-    """(seconds per step, seconds of gap around every F and B) that make the simulated steps of the
-    calibrated units meet the measured ones, by least squares with both >= 0. A simulated step is
+def _step_terms(calibrated: CostModel, runs: Sequence[Run],
+                measured: Sequence[float]) -> Tuple[float, float, np.ndarray]:
+    """(seconds per step, seconds of gap around every F and B, the runs' simulated steps with that gap)
+    that make the simulated steps of the calibrated units meet the measured ones, by least squares
+    with both >= 0. A simulated step is
     piecewise linear in the gap (the longest path's number of instructions times it), so the fit is
     Gauss-Newton: linearized at the current gap by the slope over ``GAP_STEP``, refitted until it
     stays. Where the runs cannot tell the two apart (one run, or steps of one slope) the gap is 0 and
@@ -198,7 +198,7 @@ def _step_terms(calibrated: CostModel, runs: Sequence[Run], measured: Sequence[f
     at_zero = steps(0.0)
     slopes = (steps(GAP_STEP) - at_zero) / GAP_STEP
     if len(runs) < 2 or np.ptp(slopes) <= 1e-9 * max(1.0, slopes.max()):
-        return max(0.0, float(np.median(measured - at_zero))), 0.0
+        return max(0.0, float(np.median(measured - at_zero))), 0.0, at_zero
     gap, at_gap = 0.0, at_zero
     for _ in range(8):
         found = lsq_linear(np.stack([np.ones_like(slopes), slopes], axis=1), measured - at_gap + slopes * gap,
@@ -209,7 +209,7 @@ def _step_terms(calibrated: CostModel, runs: Sequence[Run], measured: Sequence[f
             break
         at_gap = steps(gap)
         slopes = (steps(gap + GAP_STEP) - at_gap) / GAP_STEP
-    return extra, gap
+    return extra, gap, at_gap
 
 
 def misses(calibration: Calibration, held_out: Mapping[str, Tuple[float, float]]) -> List[str]:
