@@ -5,8 +5,10 @@ predicted a run already made, without timing it again.
     python benchmarks/refit_calibration.py OUT [STEM]
 
 OUT is the bench's ``--out`` folder (its ``latency_model.json``, ``timing.spec.json``/``timing.json``
-and the calibration launch ``STEM.spec.json``/``STEM.json``; STEM ``calibration``, or
-``recalibration`` for the second one). The held-out runs are the bench's timed ones: none of them is
+and the launch whose traced calibration variants are refitted, ``STEM.spec.json``/``STEM.json``: STEM
+``calibration`` for the first one, ``timing`` for the second, which the timing launch runs beside
+the timed variants; ``recalibration`` in runs made before 2026-12-03's change, when the second
+calibration was a launch of its own). The held-out runs are the bench's timed ones: none of them is
 among the calibration's.
 """
 import argparse
@@ -38,7 +40,9 @@ def main():
         raise SystemExit("a bench of packed documents prices its runs with the documents' attention: not refitted here")
     stages, batch_size, seq_length = spec["stages"], config["batch_size"], config["seq_length"]
     uncalibrated = replace(read_model_file(os.path.join(args.out, "latency_model.json")), calibration=None)
-    runs = calibration_runs(spec["variants"], traced, stages, batch_size, seq_length)
+    # Launches made before 2026-12-03's change name their calibration variants "variants".
+    variants = spec.get("calibration") or spec["variants"]
+    runs = calibration_runs(variants, traced, stages, batch_size, seq_length)
     calibration = calibrate(cost_model(uncalibrated, stages), runs)
     found = replace(uncalibrated, calibration=calibration.to_dict())
     print(f"refitted {args.stem} of {args.out}: {calibration.describe()}")

@@ -11,12 +11,18 @@ Spec: {"model": {GPTConfig fields}, "stages": K, "warmup": w, "repeats": r, "mea
        "variants": {name: {"micro_batch_size": b, "gradient_accumulation": g,
                            "seqpipe": seqpipe section, or null for stock DeepSpeed,
                            "recompute": optional GPTConfig.recompute_granularity (null: none)}},
+       "calibration": optional {name: seqpipe variant, as above},
        "documents": optional {"prefix": Megatron .bin/.idx prefix, "eod": end-of-document id}}
 
 With ``"documents"`` (packed documents: the model is built with ``reset_attention_mask`` and
 ``reset_position_ids``) the batches are that dataset's documents in a seeded shuffled order, back to
 back, as GPTDataset packs them, with Megatron's reset positions, EOD loss mask and each token's
 document start.
+
+The ``"calibration"`` variants alternate with the others, and every timed iteration of theirs is
+traced (``"timed_traces"``: the units the calibration fits, planner/calibrate.py); they are left out
+of the measured iteration. A calibration launch has only those; seqpipe-bench's timing launch carries
+them too, so that the calibration and the runs it prices see the machine at the same minutes.
 
 With ``"measure"`` every stage also counts its model states (parameters, gradients and optimizer
 states, bytes of the tensors the engine holds after the measured step).
@@ -84,19 +90,23 @@ def _per_stage(engine, value):
 
 
 def run(spec):
+    calibration = spec.get("calibration") or {}
+    built = {**spec["variants"], **calibration}
+    if len(built) != len(spec["variants"]) + len(calibration):  # every rank, before any communication
+        raise ValueError(f"calibration variants {sorted(set(spec['variants']) & set(calibration))} have the names "
+                         "of timed ones")
     topology = parallel.initialize(pipeline_parallel_size=spec["stages"])
     engines, batches = {}, {}
     if dist.get_rank() == 0:
-        print(f"timing: building {len(spec['variants'])} engine(s)", flush=True)
-    for name, variant in spec["variants"].items():
+        print(f"timing: building {len(built)} engine(s)", flush=True)
+    for name, variant in built.items():
         config = GPTConfig(**spec["model"], recompute_granularity=variant.get("recompute"))
         model = gpt_pipeline(config, topology)
         engines[name], *_ = seqpipe_ds.initialize(model=model, model_parameters=model.parameters(),
                                                   config=_ds_config(spec, variant))
         batches[name] = _batches(spec, variant)
     times = {name: [] for name in engines}
-    # With "trace_timed": every timed iteration's units of the seqpipe variants (the calibration's traces).
-    traced = {name: [] for name in engines if spec.get("trace_timed") and spec["variants"][name]["seqpipe"] is not None}
+    traced = {name: [] for name in calibration}  # every timed iteration's units
     cuda_peak = {name: 0.0 for name in engines}
     bar = tqdm(total=(spec["warmup"] + spec["repeats"]) * len(engines), unit="iter", disable=dist.get_rank() != 0,
                desc=f"timing on {spec['stages']} stage(s): warm-up, then alternating")
@@ -132,7 +142,8 @@ def run(spec):
 def _measure(spec, engines, batches):
     """One iteration per variant with the saved-tensor meter (and slice timestamps); the per-token probe."""
     saved, traces, states = {}, {}, {}
-    for name, engine in tqdm(engines.items(), desc="timing: one measured iteration each", unit="variant",
+    measured = {name: engines[name] for name in spec["variants"]}
+    for name, engine in tqdm(measured.items(), desc="timing: one measured iteration each", unit="variant",
                              disable=dist.get_rank() != 0):
         meter = SavedTensorMeter(engine.module.parameters())
         sliced = spec["variants"][name]["seqpipe"] is not None
@@ -146,7 +157,7 @@ def _measure(spec, engines, batches):
         states[name] = _per_stage(engine, _model_state_bytes(engine))
         if sliced:
             traces[name] = _gather_rows([_take_trace(engine, origin)])[0]
-    engine, name = next(iter(engines.values())), next(iter(engines))
+    engine, name = next(iter(measured.values())), next(iter(measured))
     kept, held = _probe_bytes_per_token(engine, batches[name][0])
     return {"saved_peak_bytes": saved, "trace": traces, "model_state_bytes": states,
             "saved_bytes_per_token": _per_stage(engine, kept), "weight_bytes_per_token": _per_stage(engine, held)}

@@ -23,7 +23,7 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     command = [sys.executable, "-m", "seqpipe_ds.cli.bench", "--num-layers", "2", "--hidden-size", "64",
                "--num-attention-heads", "4", "--seq-length", "128", "--granularity", "32", "--uniform", "2",
                "--profile-repeats", "1", "--warmup", "0", "--repeats", "2", "--timeout", "300",
-               "--memory-limit", "1.0x", "--recalibrate", "always",
+               "--memory-limit", "1.0x",
                "--out", str(tmp_path), "--png", str(png)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "SEQPIPE_DIST_TIMEOUT_MIN": "3"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1180)
@@ -40,12 +40,19 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
         f"{b}x{lengths}" for b, lengths in zip(plan["batch_slices"], plan["input_slices"]))
     searched = json.loads((tmp_path / "makespan_results.json").read_text())[0]
     assert rows["makespan planned"]["schedule"] == searched["schedule"]
-    # The plans' recorded latencies are the first calibration's predictions; after the timed runs a
-    # second calibration (--recalibrate always) into its own model file predicts every row.
+    # The plans' recorded latencies are the first calibration's predictions. The timing launch also ran
+    # the calibration's variants, traced and alternating with the timed ones (--recalibrate in-timing);
+    # a second calibration fitted on them, into its own model file, predicts every row.
     assert rows["makespan planned"]["first_calibration_predicted_s"] == pytest.approx(searched["latency"], rel=1e-6)
     second = json.loads(open(result["recalibrated"]).read())["calibration"]
     assert second["units"] > 0 and second != json.loads((tmp_path / "latency_model.json").read_text())["calibration"]
-    assert "calibrating again" in done.stdout and "predicted from the second calibration" in done.stdout
+    assert "calibrating again on the timing launch's" in done.stdout
+    assert "predicted from the second calibration" in done.stdout
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    calibration = json.loads((tmp_path / "timing.spec.json").read_text())["calibration"]
+    assert calibration and set(timing["timed_traces"]) == set(calibration)
+    assert all(len(timing["times"][name]) == 2 for name in calibration)  # alternated like the timed variants
+    assert not set(calibration) & set(timing["saved_peak_bytes"])  # and left out of the measured iteration
     for name in ("stock DeepSpeed", *seqpipe):
         row = rows[name]
         assert row["first_calibration_error"] == pytest.approx(row["first_calibration_predicted_s"] /

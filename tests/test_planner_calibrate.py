@@ -10,7 +10,7 @@ from seqpipe_ds.planner.calibrate import Calibration, Run, calibrate, misses, st
 from seqpipe_ds.planner.costs import CostModel
 from seqpipe_ds.planner.fit import read_model_file
 from seqpipe_ds.planner.planning import (calibration_runs, calibration_variants, cost_model,
-                                         keep_first_predictions, recalibration_due, variant_plan)
+                                         keep_first_predictions, missed_predictions, variant_plan)
 from seqpipe_ds.schedules.actions import BACKWARD, FORWARD
 from seqpipe_ds.slicing import make_plan
 
@@ -235,20 +235,16 @@ def test_the_bench_calibration_variants_identify_every_term():
         calibration_variants(2, SEQ, 1024)
 
 
-def test_recalibration_is_due_where_a_timed_run_misses(fitted_recompute_model):
+def test_the_rows_that_missed_the_first_calibration_are_named(fitted_recompute_model):
     path = str(fitted_recompute_model)
     with pytest.raises(ValueError, match="no calibration"):
-        recalibration_due(path, [], "on-miss")
+        missed_predictions(path, [])
     store(path, Calibration(2, ((1.0, 1.0), (1.0, 1.0)), 0.05, 10))
     rows = [{"variant": "within", "predicted_s": 1.04, "s_per_iter": 1.0},
             {"variant": "ideal", "s_per_iter": 0.5}]  # rows without a prediction are not checked
-    assert recalibration_due(path, rows, "on-miss") == (False, [])
-    assert recalibration_due(path, rows, "always") == (True, [])
+    assert missed_predictions(path, rows) == []
     rows.append({"variant": "low", "predicted_s": 0.9, "s_per_iter": 1.0})
-    assert recalibration_due(path, rows, "on-miss") == (True, ["low"])
-    assert recalibration_due(path, rows, "never") == (False, ["low"])
-    with pytest.raises(ValueError, match="on-miss, always, never"):
-        recalibration_due(path, rows, "sometimes")
+    assert missed_predictions(path, rows) == ["low"]
     second = [{**row, "predicted_s": 1.0} if "predicted_s" in row else dict(row) for row in rows]
     keep_first_predictions(rows, second)
     assert second[2]["first_calibration_predicted_s"] == 0.9

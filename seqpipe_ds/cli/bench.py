@@ -15,11 +15,13 @@
 3. One single-process launch of the same work: its time / stages is the bubble-free ideal.
 4. The schedule simulator predicts every variant's step time (the calibrated latency model, and the
    profile alone) and per-stage peak activation bytes (bytes per token probed on each stage), printed
-   beside the measurements; the timed runs are held out from the calibration. Where one misses its
-   prediction by more than the calibration's stated error (the host's speed changed between the
-   launches), a second calibration launch follows (--recalibrate), into latency_model.recalibrated.json;
-   the rows are predicted from it and keep the first calibration's prediction beside it (the plans
-   stay those of the first: their files record its latencies).
+   beside the measurements; the timed runs are held out from the calibration. The timing launch also
+   runs the calibration's variants, alternating with the timed ones (--recalibrate in-timing, the
+   default): a second calibration fitted on those, into latency_model.recalibrated.json, saw the
+   machine at the same minutes as the runs it prices (a host whose speed drifts between launches
+   moves the first one's predictions). The rows are predicted from it and keep the first
+   calibration's prediction beside it (the plans stay those of the first: their files record its
+   latencies).
 Prints the table, writes bench.json (and with --png the measured and predicted timelines).
 
 --documents trains every variant on packed documents (Megatron's --reset-attention-mask
@@ -56,7 +58,7 @@ from ..planner.memory_model import format_bytes, parse_bytes
 from ..planner.plan_file import write_plan
 from ..planner.planning import (CALIBRATION_REPEATS, RECALIBRATE_WHEN, bench_plans, bench_variant,
                                 calibration_runs, calibration_variants, cost_model, entry, keep_first_predictions,
-                                model_fields, pipeline_entry, predict_run, recalibration_due, variant_plan)
+                                missed_predictions, model_fields, pipeline_entry, predict_run, variant_plan)
 from ..planner.recompute import mode_of
 from ..schedules import SCHEDULES, Action, Segment
 
@@ -94,15 +96,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             else _make_plan(args, out, documents))
     limited = _budget(args, out, model_file) if args.memory_limit else None
     variants = {**_variants(args, plan_file, makespan_file), **(_budget_variants(limited, out) if limited else {})}
-    print(f"timing {', '.join(variants)} on {args.stages} stages, {args.warmup} warm-up + {args.repeats} "
-          "alternating iterations each, then one measured iteration each", flush=True)
-    timing = _launch(args, args.stages, variants, out / "timing", measure=True)
+    # The second calibration's traced variants, alternating with the timed ones (--recalibrate in-timing).
+    recalibrating = model_file is not None and not args.plan and args.recalibrate == "in-timing"
+    calibration = (calibration_variants(args.batch_size, args.seq_length, args.granularity) if recalibrating
+                   else {})
+    print(f"timing {', '.join(variants)} on {args.stages} stages" + (
+        f" (and, traced, the calibration's {', '.join(_slicings(calibration))})" if calibration else "") +
+        f", {args.warmup} warm-up + {args.repeats} alternating iterations each, then one measured iteration each",
+        flush=True)
+    timing = _launch(args, args.stages, variants, out / "timing", measure=True, calibration=calibration)
     print("timing the same work in one process (the bubble-free ideal)", flush=True)
     # With packed documents seqpipe's engine, unsliced: the block attention per document (stock's is the dense mask).
     one_process = {"seq_slices": 1, "schedule": "slice-1f1b"} if args.documents else None
     ideal = _launch(args, 1, {"single stage": bench_variant(args.batch_size, 1, one_process)}, out / "single")
     rows, predictions = _rows(args, variants, timing, ideal, model_file, documents)
-    recalibrated = _recalibrate(args, out, model_file, documents, rows) if model_file and not args.plan else None
+    recalibrated = _recalibrate(out, model_file, documents, timing, calibration, rows, args) if calibration else None
     if recalibrated:
         first = rows
         rows, predictions = _rows(args, variants, timing, ideal, recalibrated, documents)
@@ -160,9 +168,9 @@ def _parser():
     p.add_argument("--eod", type=int, default=ByteTokenizer.eod,
                    help="with --documents: the data's end-of-document id (default: the byte-level tokenizer's)")
     p.add_argument("--png", help="write the measured and the predicted per-stage timeline of one variant here")
-    p.add_argument("--recalibrate", choices=RECALIBRATE_WHEN, default="on-miss",
-                   help="calibrate once more after the timed runs and predict them from that calibration: where "
-                        "one misses its prediction by more than the stated error (default), always, or never")
+    p.add_argument("--recalibrate", choices=RECALIBRATE_WHEN, default="in-timing",
+                   help="in-timing (default): the timing launch also runs the calibration's traced variants, and the "
+                        "rows are predicted from a second calibration fitted on them; never: from the first alone")
     p.add_argument("--png-variant", help="the variant drawn with --png (default: the last schedule's planned run)")
     return p
 
@@ -275,9 +283,9 @@ def _relay(process, log, timeout):
         timer.cancel()
 
 
-def _launch(args, stages, variants, stem, measure=False, warmup=None, repeats=None, trace_timed=False):
+def _launch(args, stages, variants, stem, measure=False, warmup=None, repeats=None, calibration=None):
     spec = {"model": _model(args), "stages": stages, "variants": variants, "measure": measure,
-            "trace_timed": trace_timed,
+            "calibration": calibration or {},
             "warmup": args.warmup if warmup is None else warmup,
             "repeats": args.repeats if repeats is None else repeats, "out": f"{stem}.json"}
     if args.documents:
@@ -328,28 +336,35 @@ def _make_plan(args, out, documents):
 def _calibrate(args, stem, model_file, documents):
     """The traced in-engine run (planning.calibration_variants); its per-stage terms go into the model file."""
     variants = calibration_variants(args.batch_size, args.seq_length, args.granularity)
-    print(f"calibrating in the engine: slice-1f1b as {', '.join(v.split(': ')[1] for v in variants)} (of micro-"
-          f"batches of one sequence, or of {args.batch_size}); one warm-up + {CALIBRATION_REPEATS} traced "
-          "iterations each", flush=True)
-    timing = _launch(args, args.stages, variants, stem, warmup=1, repeats=CALIBRATION_REPEATS, trace_timed=True)
+    print(f"calibrating in the engine: slice-1f1b as {', '.join(_slicings(variants))} (of micro-batches of one "
+          f"sequence, or of {args.batch_size}); one warm-up + {CALIBRATION_REPEATS} traced iterations each",
+          flush=True)
+    timing = _launch(args, args.stages, {}, stem, warmup=1, repeats=CALIBRATION_REPEATS, calibration=variants)
+    _fit_calibration(args, model_file, documents, variants, timing)
+
+
+def _slicings(calibration_variants):
+    return [name.split(": ")[1] for name in calibration_variants]
+
+
+def _fit_calibration(args, model_file, documents, variants, timing):
+    """Fits the traced ``variants`` of a launch's result ``timing`` into ``model_file``."""
     runs = calibration_runs(variants, timing, args.stages, args.batch_size, args.seq_length)
     calibration = calibrate(cost_model(read_model_file(model_file), args.stages, documents=documents), runs)
     store(model_file, calibration)
     print(f"engine over profile per unit, forward / backward: {calibration.describe()}")
 
 
-def _recalibrate(args, out, model_file, documents, rows):
-    """The second calibration's model file, or None where none is due (``--recalibrate``)."""
-    due, missed = recalibration_due(model_file, rows, args.recalibrate)
-    if not due:
-        return None
+def _recalibrate(out, model_file, documents, timing, variants, rows, args):
+    """The second calibration's model file: the timing launch's traced calibration ``variants`` fitted."""
+    missed = missed_predictions(model_file, rows)
     residual = Calibration.from_dict(read_model_file(model_file).calibration).residual
-    print(f"{len(missed)} timed run(s) missed their prediction by more than the calibration's stated error "
-          f"({residual:.1%})" + (f": {', '.join(missed)} (was the host's speed steady? benchmarks/host_speed.py)"
-                                 if missed else "") + "; calibrating again", flush=True)
+    print(f"the first calibration's predictions: {len(missed)} timed run(s) off by more than its stated error "
+          f"({residual:.1%})" + (f": {', '.join(missed)}" if missed else "") +
+          "; calibrating again on the timing launch's traced calibration variants", flush=True)
     second = out / "latency_model.recalibrated.json"
     uncalibrated_copy(model_file, str(second))
-    _calibrate(args, out / "recalibration", str(second), documents)
+    _fit_calibration(args, str(second), documents, variants, timing)
     return str(second)
 
 

@@ -13,9 +13,9 @@ plan, as library calls (the commands parse, call these and print).
   ``simulate_entry`` (``seqpipe-plan show``) reproduces the latency.
 * ``bench_plans``, ``bench_variant``, ``variant_plan`` and ``predict_run``: what ``seqpipe-bench``
   plans, runs and predicts for each of its variants (``seqpipe_ds.benchmark``'s spec).
-* ``calibration_variants``, ``calibration_runs``, ``recalibration_due`` and
-  ``keep_first_predictions``: its in-engine calibration (``calibrate.py``), and the second one where
-  a timed run misses its prediction by more than the first's stated error.
+* ``calibration_variants``, ``calibration_runs``, ``missed_predictions`` and
+  ``keep_first_predictions``: its in-engine calibration (``calibrate.py``), and the second one,
+  fitted on the calibration variants its timing launch also runs.
 
 Each takes ``documents`` (``documents.PackedDocuments``, the measured document lengths) to plan and
 price packed documents: the expected same-document context of every slice instead of the causal one;
@@ -267,26 +267,24 @@ def calibration_variants(batch_size: int, seq_length: int, granularity_tokens: i
 
 def calibration_runs(variants: Mapping[str, Mapping], timing: Mapping, stages: int, batch_size: int,
                      seq_length: int) -> List[Run]:
-    """The traced runs of a calibration launch (``seqpipe_ds.benchmark``'s result with ``trace_timed``)."""
+    """The traced runs of a launch's calibration variants (``seqpipe_ds.benchmark``'s result, ``"timed_traces"``)."""
     return [Run(*variant_plan(variant, stages, batch_size, seq_length), timing["timed_traces"][name],
                 timing["times"][name]) for name, variant in variants.items()]
 
 
-RECALIBRATE_WHEN = ("on-miss", "always", "never")
+# seqpipe-bench's second calibration: fitted on the calibration variants the timing launch also runs
+# (alternating with the timed ones), or none.
+RECALIBRATE_WHEN = ("in-timing", "never")
 
 
-def recalibration_due(model_file: str, rows: Sequence[Mapping], when: str) -> Tuple[bool, List[str]]:
-    """(whether to calibrate again, the timed rows that missed): a row misses where its prediction
-    (``predicted_s``) is further from its measured ``s_per_iter`` than the model file's calibration
-    states; ``when`` is one of ``RECALIBRATE_WHEN``."""
-    if when not in RECALIBRATE_WHEN:
-        raise ValueError(f"recalibrate {when!r} is not one of {', '.join(RECALIBRATE_WHEN)}")
+def missed_predictions(model_file: str, rows: Sequence[Mapping]) -> List[str]:
+    """The timed rows whose prediction (``predicted_s``) is further from their measured ``s_per_iter``
+    than the model file's calibration states."""
     found = read_model_file(model_file)
     if found.calibration is None:
         raise ValueError(f"{model_file} has no calibration to check")
-    missed = misses(Calibration.from_dict(found.calibration),
-                    {row["variant"]: (row["predicted_s"], row["s_per_iter"]) for row in rows if row.get("predicted_s")})
-    return when == "always" or (when == "on-miss" and bool(missed)), missed
+    return misses(Calibration.from_dict(found.calibration),
+                  {row["variant"]: (row["predicted_s"], row["s_per_iter"]) for row in rows if row.get("predicted_s")})
 
 
 def keep_first_predictions(first: Sequence[Mapping], rows: Sequence[Dict]) -> None:
