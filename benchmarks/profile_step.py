@@ -71,14 +71,18 @@ def _per_iteration(stats):
     """{label: (ms per iteration, calls per iteration)} of the instruction handlers, the whole
     train_batch and the top operators by their own time."""
     entries = stats.stats
-    iterations = next(v[1] for (path, _, name), v in entries.items() if name == "train_batch")
+
+    def is_step(path, name):  # DeepSpeed's train_batch, not the wrapper that switches the profiler on
+        return path.endswith("pipe/engine.py") and name == "train_batch"
+
+    iterations = next(v[1] for (path, _, name), v in entries.items() if is_step(path, name))
     handlers, operators = {}, {}
     for (path, _, name), (_, calls, own, cumulative, _) in entries.items():
         if name.startswith("_exec_") and path.endswith("engine.py") and name != "_exec_schedule":
             label = name[len("_exec_"):]
             spent, count = handlers.get(label, (0.0, 0))
             handlers[label] = (spent + cumulative, count + calls)
-        elif name == "train_batch":
+        elif is_step(path, name):
             handlers["whole step (train_batch)"] = (cumulative, calls)
         elif path == "~":
             operators[_operator(name)] = (own, calls)
