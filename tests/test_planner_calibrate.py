@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from seqpipe_ds.planner.calibrate import Calibration, Run, calibrate, misses, store
+from seqpipe_ds.planner.calibrate import Calibration, Run, _affine, calibrate, misses, store
 from seqpipe_ds.planner.costs import CostModel
 from seqpipe_ds.planner.fit import read_model_file
 from seqpipe_ds.planner.planning import (calibration_runs, calibration_variants, cost_model,
@@ -148,6 +148,20 @@ def test_a_slow_iteration_does_not_move_the_fit():
     # The slow iteration alone is fitted as it ran: 1.8x the engine's factors and seconds per call.
     slowed = calibrate(profile, slow_only)
     np.testing.assert_allclose(np.array(slowed.scale), 1.8 * np.array(TRUE_SCALE), rtol=1e-9)
+
+
+def test_the_fit_weighs_every_unit_relative_to_its_time():
+    """Batch 8's calibration on the Xeon (2026-12-04) in small: one-sequence units of three sizes
+    (1, 4 and 8 slices) ran 1.03x their model, the whole-batch variant's units of 8 sequences 1.10x.
+    Fitted relative to each unit's time, the one-sequence units stay priced within 2% (an absolute
+    least-squares fit of the same units, dominated by the long ones, misprices them by up to 6.5%)."""
+    one_sequence = [(1.03 * model, model, 1) for model, count in ((0.2, 2), (0.05, 8), (0.03, 16))
+                    for _ in range(count)]
+    whole_batch = [(1.10 * 0.24, 0.24, 8)] * 8
+    factor, per_unit, per_sequence = _affine(one_sequence + whole_batch)
+    errors = [(factor * model + per_unit + per_sequence * sequences) / measured - 1
+              for measured, model, sequences in one_sequence]
+    assert max(abs(e) for e in errors) < 0.025
 
 
 def test_misses_are_the_held_out_runs_beyond_the_stated_error():
