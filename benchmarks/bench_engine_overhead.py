@@ -127,15 +127,9 @@ def main():
     if args.worker:
         return _worker(args)
     with tempfile.TemporaryDirectory() as tmp:
-        hostfile, result = os.path.join(tmp, "hostfile"), os.path.join(tmp, "result.json")
-        with open(hostfile, "w") as f:
-            f.write("localhost slots=2\n")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-        subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--no_ssh_check",
-                        "--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000),
-                        "--no_local_rank", os.path.abspath(__file__), "--worker", "--result", result,
-                        "--slices", str(args.slices), "--repeats", str(args.repeats)],
-                       env=env, check=True, timeout=900, stdout=subprocess.DEVNULL)
+        result = os.path.join(tmp, "result.json")
+        launch_two_stages(tmp, os.path.abspath(__file__), ["--worker", "--result", result, "--slices", str(args.slices),
+                                                           "--repeats", str(args.repeats)])
         with open(result) as f:
             data = json.load(f)
     text = _report(data)
@@ -145,6 +139,21 @@ def main():
     with open(f"{args.out}.txt", "w") as f:
         f.write(f"$ python benchmarks/bench_engine_overhead.py --slices {args.slices} --repeats {args.repeats}\n"
                 f"machine: {_machine()}\n\n{text}\n")
+
+
+def launch_two_stages(tmp, script, script_args):
+    """``deepspeed --hostfile`` on localhost: ``script script_args`` in 2 processes, one thread each
+    (a hostfile in ``tmp``); raises with the launch's output tail where it fails."""
+    hostfile = os.path.join(tmp, "hostfile")
+    with open(hostfile, "w") as f:
+        f.write("localhost slots=2\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--no_ssh_check",
+               "--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000),
+               "--no_local_rank", script, *script_args]
+    done = subprocess.run(command, env=env, timeout=900, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"launch failed (exit {done.returncode}): ...{done.stdout.decode(errors='replace')[-3000:]}")
 
 
 def _machine():

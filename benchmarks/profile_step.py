@@ -17,11 +17,9 @@ import cProfile
 import json
 import os
 import pstats
-import subprocess
-import sys
 import tempfile
 
-from bench_engine_overhead import MODEL, _machine  # this folder is the script's sys.path[0]
+from bench_engine_overhead import MODEL, _machine, launch_two_stages  # this folder is the script's sys.path[0]
 from seqpipe_ds.planner.planning import bench_variant
 
 TOP_OPERATORS = 8
@@ -54,16 +52,7 @@ def _launch(tmp, name, variant, repeats):
     spec_path, profile_path = os.path.join(tmp, f"{name}.spec.json"), os.path.join(tmp, f"{name}.prof")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    hostfile = os.path.join(tmp, "hostfile")
-    with open(hostfile, "w") as f:
-        f.write("localhost slots=2\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--no_ssh_check",
-               "--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000),
-               "--no_local_rank", os.path.abspath(__file__), "--worker", spec_path, profile_path]
-    done = subprocess.run(command, env=env, timeout=900, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"launch failed (exit {done.returncode}): ...{done.stdout.decode(errors='replace')[-3000:]}")
+    launch_two_stages(tmp, os.path.abspath(__file__), ["--worker", spec_path, profile_path])
     return [pstats.Stats(f"{profile_path}.rank{rank}") for rank in (0, 1)]
 
 

@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     one_process = {"seq_slices": 1, "schedule": "slice-1f1b"} if args.documents else None
     ideal = _launch(args, 1, {"single stage": bench_variant(args.batch_size, 1, one_process)}, out / "single")
     rows, predictions = _rows(args, variants, timing, ideal, model_file, documents)
-    recalibrated = _recalibrate(out, model_file, documents, timing, calibration, rows, args) if calibration else None
+    recalibrated = _recalibrate(args, out, model_file, documents, timing, calibration, rows) if calibration else None
     if recalibrated:
         first = rows
         rows, predictions = _rows(args, variants, timing, ideal, recalibrated, documents)
@@ -355,7 +355,7 @@ def _fit_calibration(args, model_file, documents, variants, timing):
     print(f"engine over profile per unit, forward / backward: {calibration.describe()}")
 
 
-def _recalibrate(out, model_file, documents, timing, variants, rows, args):
+def _recalibrate(args, out, model_file, documents, timing, variants, rows):
     """The second calibration's model file: the timing launch's traced calibration ``variants`` fitted."""
     missed = missed_predictions(model_file, rows)
     residual = Calibration.from_dict(read_model_file(model_file).calibration).residual
