@@ -13,12 +13,12 @@ from contextlib import contextmanager
 import torch
 from deepspeed import comm as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.runtime.pipe import p2p
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from .attention import KVCache
 from .model import dropout, wgrad
 from .schedules import Action, get_schedule, instructions as ins, lower
+from .schedules.actions import RECV_ACT, RECV_GRAD
 from .slicing import SlicePlan
 
 
@@ -46,6 +46,7 @@ class SeqPipeEngine(PipelineEngine):
         # Every dict is keyed by (micro-batch, batch slice, sequence slice), or (micro-batch, batch slice)
         # for caches, so several micro-batches can be in flight (slice-1f1b).
         self._pending_sends = []  # (work, tensor): the tensor must live until its send completes
+        self._posted = {}  # (receive kind, key) -> (buffers, works): receives posted ahead (PostRecvSlice*)
         self._caches = {}
         self._inputs, self._outputs, self._labels, self._losses, self._grads = {}, {}, {}, {}, {}
         self._wgrads = {}  # split backward: the weight-gradient work a unit's B left for its W
@@ -164,18 +165,32 @@ class SeqPipeEngine(PipelineEngine):
         for tensor in tensors:
             self._send(tensor.contiguous(), self.next_stage)
 
+    def _exec_post_recv_slice_activation(self, micro_batch, unit):
+        if self._activation_meta is not None:  # else the receive reads the tensor metadata first
+            self._posted[RECV_ACT, (micro_batch, *unit)] = self._post_activation(unit)
+
     def _exec_recv_slice_activation(self, micro_batch, unit):
+        key = (micro_batch, *unit)
         if self._activation_meta is None:
             probe = self._recv_tensor_meta(self.prev_stage)
             self._activation_meta = [(tuple(t.shape[2:]), t.dtype) for t in _stage_tensors(probe)]
-        received = []
+        received = _wait(self._posted.pop((RECV_ACT, key), None) or self._post_activation(unit))
+        received[0].requires_grad_(received[0].is_floating_point())
+        self._inputs[key] = received[0] if len(received) == 1 else tuple(received)
+
+    def _post_activation(self, unit):
+        """Fresh buffers for the unit's activation (and integer metadata), their receives posted."""
+        buffers = []
         for n, (tail, dtype) in enumerate(self._activation_meta):
             # the activation in the model's layout; integer metadata (document starts) as [batch, tokens]
             dims = self._activation_dims(unit) if n == 0 else self.slice_plan.shape(unit)
-            received.append(torch.empty(dims + tail, dtype=dtype, device=self.device))
-            p2p.recv(received[-1], self.prev_stage)
-        received[0].requires_grad_(received[0].is_floating_point())
-        self._inputs[(micro_batch, *unit)] = received[0] if len(received) == 1 else tuple(received)
+            buffers.append(torch.empty(dims + tail, dtype=dtype, device=self.device))
+        return self._irecv(buffers, self.prev_stage)
+
+    def _irecv(self, buffers, stage):
+        """(buffers, their works): a receive from ``stage`` posted into each buffer, in order."""
+        source = self.grid.stage_to_global(stage)
+        return buffers, [dist.irecv(buffer, source) for buffer in buffers]
 
     def _activation_dims(self, unit):
         """Leading dims of the tensor passed between stages for ``unit``: (batch, tokens), unless the
@@ -193,16 +208,24 @@ class SeqPipeEngine(PipelineEngine):
         # send/receive pair consistently on both sides, so blocking (NCCL) semantics are safe too.
         self._pending_sends.append((dist.isend(tensor, self.grid.stage_to_global(stage)), tensor))
 
+    def _exec_post_recv_slice_grad(self, micro_batch, unit):
+        key = (micro_batch, *unit)
+        self._posted[RECV_GRAD, key] = self._post_grad(key)
+
     def _exec_recv_slice_grad(self, micro_batch, unit):
-        grad = torch.empty_like(_activation(self._outputs[(micro_batch, *unit)]))
-        p2p.recv(grad, self.next_stage)
-        self._grads[(micro_batch, *unit)] = grad
+        key = (micro_batch, *unit)
+        self._grads[key] = _wait(self._posted.pop((RECV_GRAD, key), None) or self._post_grad(key))[0]
+
+    def _post_grad(self, key):
+        return self._irecv([torch.empty_like(_activation(self._outputs[key]))], self.next_stage)
 
     def _exec_schedule(self, pipe_schedule):
         self._reset_slices()
         super()._exec_schedule(pipe_schedule)
         for work, _ in self._pending_sends:
             work.wait()
+        if self._posted:
+            raise RuntimeError(f"seqpipe: receives posted but never waited for: {sorted(self._posted)}")
         self._reset_slices()
 
     _INSTRUCTION_MAP = {
@@ -215,6 +238,8 @@ class SeqPipeEngine(PipelineEngine):
         ins.RecvSliceActivation: _exec_recv_slice_activation,
         ins.SendSliceGrad: _exec_send_slice_grad,
         ins.RecvSliceGrad: _exec_recv_slice_grad,
+        ins.PostRecvSliceActivation: _exec_post_recv_slice_activation,
+        ins.PostRecvSliceGrad: _exec_post_recv_slice_grad,
     }
 
 
@@ -226,6 +251,14 @@ def _stage_tensors(outputs):
         raise TypeError("seqpipe: pipeline stages must pass one tensor to the next stage, or a tuple of one "
                         f"activation and integer metadata tensors, got {type(outputs).__name__}")
     return tensors
+
+
+def _wait(posted):
+    """The buffers of posted receives, once every one has completed."""
+    buffers, works = posted
+    for work in works:
+        work.wait()
+    return buffers
 
 
 def _activation(outputs):

@@ -10,7 +10,7 @@ import pytest
 
 from seqpipe_ds.schedules import SCHEDULES, Costs, Schedule, ScheduleError, lower, lower_orders, simulate
 from seqpipe_ds.schedules import actions as A
-from seqpipe_ds.schedules.lowering import _eager
+from seqpipe_ds.schedules.lowering import _eager, receive_posts
 from seqpipe_ds.schedules.orders import Slice1F1B
 from seqpipe_ds.slicing import make_plan
 
@@ -224,6 +224,52 @@ def test_timing_and_memory_model():
     first = {(s.stage, s.action.kind, s.action.key): s for s in result.segments}
     assert first[1, "F", (0, 0, 0)].start == pytest.approx(1.5)
     assert result.makespan == max(s.end for s in result.segments)
+
+
+def _per_peer(program, posts):
+    """Per peer offset, the stage's sends and receive posts in the order the engine issues them."""
+    issued = {}
+    for action in [None, *program]:
+        if action is not None and action.kind in A.SENDS:
+            issued.setdefault(A.DIRECTION[action.kind], []).append(action)
+        for receive in posts.get(action, ()):
+            issued.setdefault(A.DIRECTION[receive.kind], []).append(receive)
+    return issued
+
+
+@pytest.mark.timeout(120)
+def test_receives_are_posted_ahead_in_each_peers_own_order():
+    """The NCCL-safety argument of ``receive_posts``: per peer, posting ahead keeps the program's order
+    of sends and receives (which the lowering checked both sides meet in), and one receive per peer
+    is outstanding at a time."""
+    ahead = 0
+    for name, stages, micro_batches, slicing in CONFIGS:
+        plan, programs, _ = _run(name, stages, micro_batches, *slicing)
+        for program in programs:
+            posts = receive_posts(program)
+            index = {a: i for i, a in enumerate(program)}
+            posted = {r: -1 if after is None else index[after] for after, rs in posts.items() for r in rs}
+            receives = [a for a in program if a.kind in A.RECVS]
+            assert sorted(posted) == sorted(receives)  # each receive posted once
+            for receive, at in posted.items():
+                assert at < index[receive]
+                ahead += at < index[receive] - 1
+                peer = A.DIRECTION[receive.kind]
+                between = program[at + 1:index[receive]]
+                assert not [a for a in between if a.kind in A.SENDS and A.DIRECTION[a.kind] == peer]
+                assert not [a for a in between if a.kind in A.RECVS and A.DIRECTION[a.kind] == peer]
+            in_program = {}
+            for a in program:
+                if a.kind in A.SENDS or a.kind in A.RECVS:
+                    in_program.setdefault(A.DIRECTION[a.kind], []).append(a)
+            assert _per_peer(program, posts) == in_program
+    assert ahead  # some receive is posted before the action right before it
+    # The last of 2 stages posts slice j+1's activation as soon as it has slice j's: before forward j.
+    plan = make_plan(1, 4, micro_batch_size=1, seq_length=8)
+    last = lower("slice-zb", 2, 1, plan)[1]
+    posts = receive_posts(last)
+    for j in range(3):
+        assert posts[A.Action(A.RECV_ACT, 0, 0, j)] == (A.Action(A.RECV_ACT, 0, 0, j + 1),)
 
 
 @pytest.mark.timeout(60)

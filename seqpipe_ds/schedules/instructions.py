@@ -8,6 +8,7 @@ from typing import Sequence
 from deepspeed.runtime.pipe.schedule import OptimizerStep, PipeInstruction, PipeSchedule, ReduceGrads, ReduceTiedGrads
 
 from .actions import BACKWARD, FORWARD, LOAD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, STEP, WEIGHT, Action
+from .lowering import receive_posts
 
 
 class SliceInstruction(PipeInstruction):
@@ -49,7 +50,19 @@ class SendSliceActivation(SliceInstruction):
 
 
 class RecvSliceActivation(SliceInstruction):
-    """Receives the unit's activation from the previous stage into ``inputs[key]`` (requires grad)."""
+    """Receives the unit's activation from the previous stage into ``inputs[key]`` (requires grad):
+    waits for the receive in ``posted[key]`` (popped), or posts it first where none is."""
+
+
+class PostRecvSliceActivation(SliceInstruction):
+    """Posts the receive of the unit's activation from the previous stage into a fresh buffer, kept
+    in ``posted[key]`` for RecvSliceActivation to wait on (``lowering.receive_posts`` says where).
+    Before the first activation's tensor metadata has arrived, it posts nothing."""
+
+
+class PostRecvSliceGrad(SliceInstruction):
+    """Posts the receive of the gradient of ``outputs[key]`` from the next stage into a fresh buffer,
+    kept in ``posted[key]`` for RecvSliceGrad to wait on."""
 
 
 class SendSliceGrad(SliceInstruction):
@@ -57,11 +70,13 @@ class SendSliceGrad(SliceInstruction):
 
 
 class RecvSliceGrad(SliceInstruction):
-    """Receives the gradient of ``outputs[key]`` from the next stage into ``grads[key]``."""
+    """Receives the gradient of ``outputs[key]`` from the next stage into ``grads[key]``: waits for the
+    receive in ``posted[key]`` (popped), or posts it first where none is."""
 
 
 _SLICE = {FORWARD: ForwardSlice, BACKWARD: BackwardSlice, WEIGHT: WeightSlice, SEND_ACT: SendSliceActivation,
           RECV_ACT: RecvSliceActivation, SEND_GRAD: SendSliceGrad, RECV_GRAD: RecvSliceGrad}
+_POST = {RECV_ACT: PostRecvSliceActivation, RECV_GRAD: PostRecvSliceGrad}
 
 
 def to_instructions(action: Action) -> list:
@@ -72,16 +87,24 @@ def to_instructions(action: Action) -> list:
     return [_SLICE[action.kind](action.micro_batch, action.unit)]
 
 
+def _posting(receives) -> list:
+    return [_POST[r.kind](r.micro_batch, r.unit) for r in receives]
+
+
 class ProgramSchedule(PipeSchedule):
-    """One stage's lowered program, one action per DeepSpeed step."""
+    """One stage's lowered program, one action per DeepSpeed step, each followed by the posts of the
+    receives ``lowering.receive_posts`` places after it (and a first step of posts before it all)."""
 
     def __init__(self, program: Sequence[Action], micro_batches: int, stages: int, stage_id: int):
         super().__init__(micro_batches=micro_batches, stages=stages, stage_id=stage_id)
         self.program = program
+        self.posts = receive_posts(program)
 
     def steps(self):
+        if None in self.posts:
+            yield _posting(self.posts[None])
         for action in self.program:
-            yield to_instructions(action)
+            yield to_instructions(action) + _posting(self.posts.get(action, ()))
 
     def num_pipe_buffers(self) -> int:
         return 1  # the engine keeps per-unit state itself; DeepSpeed's buffer slots go unused
