@@ -141,12 +141,12 @@ def main():
                 f"machine: {_machine()}\n\n{text}\n")
 
 
-def launch_two_stages(tmp, script, script_args):
-    """``deepspeed --hostfile`` on localhost: ``script script_args`` in 2 processes, one thread each
-    (a hostfile in ``tmp``); raises with the launch's output tail where it fails."""
+def launch_two_stages(tmp, script, script_args, processes=2):
+    """``deepspeed --hostfile`` on localhost: ``script script_args`` in ``processes`` processes (2: one
+    per stage), one thread each (a hostfile in ``tmp``); raises with the launch's output tail where it fails."""
     hostfile = os.path.join(tmp, "hostfile")
     with open(hostfile, "w") as f:
-        f.write("localhost slots=2\n")
+        f.write(f"localhost slots={processes}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--no_ssh_check",
                "--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000),

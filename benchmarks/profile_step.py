@@ -6,11 +6,13 @@ variant, each stage's process under cProfile, the same model and batch as ``seqp
 
 Each variant is its own ``deepspeed --hostfile`` launch on localhost (2 stages, one thread each)
 running ``seqpipe_ds.benchmark`` on that one variant; the profiler is on for the timed iterations
-only (after one warm-up). Prints, per stage, milliseconds per iteration inside each of the
-engines' instruction handlers (``_exec_*``: a receive's time is mostly waiting for the neighbour,
-so it is the bubble as that stage sees it) and the operators that took the most time; writes
-``<out>.txt``. cProfile adds a few microseconds to every Python call, so compare the two columns,
-not their totals with ``seqpipe-bench``'s.
+only (after one warm-up). A third launch runs stock DeepSpeed's step of the whole model in one
+process, seqpipe-bench's bubble-free ideal; its column is halved, the share of one of 2 stages.
+Prints, per stage, milliseconds per iteration inside each of the engines' instruction handlers
+(``_exec_*``: a receive's time is mostly waiting for the neighbour, so it is the bubble as that
+stage sees it) and the operators that took the most time; writes ``<out>.txt``. cProfile adds a
+few microseconds to every Python call, so compare the columns, not their totals with
+``seqpipe-bench``'s.
 """
 import argparse
 import cProfile
@@ -23,6 +25,7 @@ from bench_engine_overhead import MODEL, _machine, launch_two_stages  # this fol
 from seqpipe_ds.planner.planning import bench_variant
 
 TOP_OPERATORS = 8
+STAGES = 2
 
 
 def _worker(spec_path, profile_path):
@@ -46,19 +49,20 @@ def _worker(spec_path, profile_path):
     profiler.dump_stats(f"{profile_path}.rank{os.environ['RANK']}")
 
 
-def _launch(tmp, name, variant, repeats):
-    spec = {"model": MODEL, "stages": 2, "measure": False, "calibration": {}, "warmup": 1, "repeats": repeats,
+def _launch(tmp, name, variant, repeats, stages=STAGES):
+    spec = {"model": MODEL, "stages": stages, "measure": False, "calibration": {}, "warmup": 1, "repeats": repeats,
             "out": os.path.join(tmp, f"{name}.json"), "variants": {name: variant}}
     spec_path, profile_path = os.path.join(tmp, f"{name}.spec.json"), os.path.join(tmp, f"{name}.prof")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    launch_two_stages(tmp, os.path.abspath(__file__), ["--worker", spec_path, profile_path])
-    return [pstats.Stats(f"{profile_path}.rank{rank}") for rank in (0, 1)]
+    launch_two_stages(tmp, os.path.abspath(__file__), ["--worker", spec_path, profile_path], processes=stages)
+    return [pstats.Stats(f"{profile_path}.rank{rank}") for rank in range(stages)]
 
 
-def _per_iteration(stats):
+def _per_iteration(stats, share=1.0):
     """{label: (ms per iteration, calls per iteration)} of the instruction handlers, the whole
-    train_batch and the top operators by their own time."""
+    train_batch and the top operators by their own time; times ``share`` (a stage's share of a
+    one-process run)."""
     entries = stats.stats
 
     def is_step(path, name):  # DeepSpeed's train_batch, not the wrapper that switches the profiler on
@@ -75,7 +79,9 @@ def _per_iteration(stats):
             handlers["whole step (train_batch)"] = (cumulative, calls)
         elif path == "~":
             operators[_operator(name)] = (own, calls)
-    scale = lambda table: {k: (1e3 * s / iterations, c / iterations) for k, (s, c) in table.items()}  # noqa: E731
+
+    def scale(table):
+        return {k: (1e3 * share * s / iterations, c / iterations) for k, (s, c) in table.items()}
     top = dict(sorted(operators.items(), key=lambda kv: -kv[1][0])[:TOP_OPERATORS])
     return scale(handlers), scale(top)
 
@@ -88,9 +94,10 @@ def _operator(name):
 
 
 def report(profiles, names):
+    """Per stage, the columns side by side; a one-process profile (one rank) gives every stage its share."""
     lines = []
-    for rank in (0, 1):
-        tables = [_per_iteration(p[rank]) for p in profiles]
+    for rank in range(STAGES):
+        tables = [_per_iteration(p[rank]) if len(p) == STAGES else _per_iteration(p[0], 1 / STAGES) for p in profiles]
         for part, title in ((0, "instruction handlers"), (1, "operators, own time")):
             lines.append(f"stage {rank}, {title}: ms per iteration (calls)".ljust(60) +
                          "".join(f"{n:>22}" for n in names))
@@ -116,13 +123,15 @@ def main():
     if args.worker:
         return _worker(*args.worker)
     seqpipe = {"seq_slices": args.seq_slices, "schedule": args.schedule}
-    names = ["stock DeepSpeed", f"{args.schedule} uniform {args.seq_slices}"]
+    names = ["stock DeepSpeed", f"{args.schedule} uniform {args.seq_slices}", f"1 process / {STAGES}"]
     with tempfile.TemporaryDirectory() as tmp:
         profiles = [_launch(tmp, f"v{i}", bench_variant(1, args.batch_size, section), args.repeats)
                     for i, section in enumerate((None, seqpipe))]
+        profiles.append(_launch(tmp, "single", bench_variant(1, args.batch_size, None), args.repeats, stages=1))
         text = report(profiles, names)
     header = (f"$ python benchmarks/profile_step.py --batch-size {args.batch_size} --seq-slices {args.seq_slices} "
-              f"--schedule {args.schedule} --repeats {args.repeats}\nmachine: {_machine()}; GPT {MODEL}, 2 stages\n")
+              f"--schedule {args.schedule} --repeats {args.repeats}\n"
+              f"machine: {_machine()}; GPT {MODEL}, {STAGES} stages\n")
     print(header + text)
     with open(f"{args.out}.txt", "w") as f:
         f.write(header + "\n" + text + "\n")

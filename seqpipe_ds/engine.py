@@ -18,7 +18,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from .attention import KVCache
 from .model import dropout, wgrad
 from .schedules import Action, get_schedule, instructions as ins, lower
-from .schedules.actions import RECV_ACT, RECV_GRAD
+from .schedules.actions import RECV_ACT, RECV_GRAD, STEP
 from .slicing import SlicePlan
 
 
@@ -32,9 +32,10 @@ class SeqPipeEngine(PipelineEngine):
         self._capacity = getattr(getattr(self.module, "gpt_config", None), "max_position_embeddings", None)
         self._activation_meta = None  # per tensor sent between stages: (trailing shape, dtype)
         self._meta_sent = False
-        # A list makes every slice's forward/backward record (Action, start, end) with
+        # A list makes every slice's forward/backward/W and the step record (Action, start, end) with
         # time.perf_counter(); seqpipe-bench draws its measured timeline from it.
         self.slice_trace = None
+        self._step_started = None
         self._reset_slices()
 
     @property
@@ -152,9 +153,24 @@ class SeqPipeEngine(PipelineEngine):
             return
         start = time.perf_counter()
         yield
+        self._record(Action(kind, *key), start)
+
+    def _record(self, action, start):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.slice_trace.append((Action(kind, *key), start, time.perf_counter()))
+        self.slice_trace.append((action, start, time.perf_counter()))
+
+    def _exec_reduce_tied_grads(self):
+        """DeepSpeed's, the first instruction of the step (``to_instructions``): the traced STEP starts here."""
+        self._step_started = time.perf_counter()
+        super()._exec_reduce_tied_grads()
+
+    def _exec_optimizer_step(self, lr_kwargs=None):
+        """DeepSpeed's, the last instruction of the step: with tracing on, records the STEP from the
+        tied-gradient reduction to here (the calibration measures the step's time from it)."""
+        super()._exec_optimizer_step(lr_kwargs)
+        if self.slice_trace is not None:
+            self._record(Action(STEP), self._step_started)
 
     def _exec_send_slice_activation(self, micro_batch, unit):
         outputs = self._outputs[(micro_batch, *unit)]
@@ -240,6 +256,8 @@ class SeqPipeEngine(PipelineEngine):
         ins.RecvSliceGrad: _exec_recv_slice_grad,
         ins.PostRecvSliceActivation: _exec_post_recv_slice_activation,
         ins.PostRecvSliceGrad: _exec_post_recv_slice_grad,
+        ins.ReduceTiedGrads: _exec_reduce_tied_grads,
+        ins.OptimizerStep: _exec_optimizer_step,
     }
 
 

@@ -51,6 +51,9 @@ def test_bench_compares_stock_uniform_and_planned(tmp_path):
     timing = json.loads((tmp_path / "timing.json").read_text())
     calibration = json.loads((tmp_path / "timing.spec.json").read_text())["calibration"]
     assert calibration and set(timing["timed_traces"]) == set(calibration)
+    for name in calibration:  # every traced iteration has each stage's step, from which its time is measured
+        traced = timing["timed_traces"][name]
+        assert all(sorted(row[0] for row in rows if row[1] == "STEP") == [0, 1] for rows in traced)
     assert all(len(timing["times"][name]) == 2 for name in calibration)  # alternated like the timed variants
     assert not set(calibration) & set(timing["saved_peak_bytes"])  # and left out of the measured iteration
     for name in ("stock DeepSpeed", *seqpipe):

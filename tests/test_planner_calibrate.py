@@ -11,7 +11,7 @@ from seqpipe_ds.planner.costs import CostModel
 from seqpipe_ds.planner.fit import read_model_file
 from seqpipe_ds.planner.planning import (calibration_runs, calibration_variants, cost_model,
                                          keep_first_predictions, missed_predictions, variant_plan)
-from seqpipe_ds.schedules.actions import BACKWARD, FORWARD
+from seqpipe_ds.schedules.actions import BACKWARD, FORWARD, STEP
 from seqpipe_ds.slicing import make_plan
 
 SEQ = 512
@@ -34,10 +34,11 @@ def engine_of(profile, gap=0.0):
                        TRUE_SEQUENCE_EXTRA, gap).apply(profile)
 
 
-def traced_run(engine, schedule, micro_batches, plan, noise=0.0, seed=0):
+def traced_run(engine, schedule, micro_batches, plan, noise=0.0, seed=0, steps_traced=False):
     """What ``seqpipe_ds.benchmark`` records for a seqpipe run, here from the simulator of a known
     engine: the units of each of two timed iterations and their step times (a unit's trace ends
-    before the engine's gap around it)."""
+    before the engine's gap around it); with ``steps_traced`` each stage's STEP too, as the engine
+    traces it now (traces recorded before it have none)."""
     result = engine.simulate(schedule, micro_batches, plan)
     rng = np.random.default_rng(seed)
     iterations = []
@@ -47,6 +48,8 @@ def traced_run(engine, schedule, micro_batches, plan, noise=0.0, seed=0):
             if seg.kind in (FORWARD, BACKWARD):
                 duration = (seg.end - seg.start - engine.gap) * (1 + noise * rng.uniform(-1, 1))
                 rows.append([seg.stage, seg.kind, *seg.action.key, seg.start, seg.start + duration])
+            elif seg.kind == STEP and steps_traced:
+                rows.append([seg.stage, seg.kind, *seg.action.key, seg.start, seg.end])
         iterations.append(rows)
     steps = [result.makespan * (1 + noise * rng.uniform(-1, 1)) for _ in range(2)]
     return Run(schedule, plan, micro_batches, iterations, steps)
@@ -114,6 +117,34 @@ def test_the_gap_around_every_instruction_is_fitted_from_the_steps():
     assert median_only.apply(profile).simulate("terapipe", 6, many).makespan < (1 - 0.05) * actual
     # One run cannot tell the gap from the step's extra time: the gap is 0 there.
     assert calibrate(profile, runs[1:2]).gap == 0.0
+
+
+def test_the_step_traced_by_the_engine_is_taken_as_measured():
+    """With the engine's STEP in the traces the step's time is measured, not fitted: even one run, which
+    cannot tell the gap from the step's time by its step alone, then gives both exactly (the stage
+    that steps last is the one that counts), and a held-out run of many more units is predicted
+    exactly; from traces without STEP rows the gap stays 0 there and that run is priced low."""
+    from seqpipe_ds.planner.calibrate import measured_step
+    profile = profile_costs()
+    engine = engine_of(profile, TRUE_GAP)
+    runs = [traced_run(engine, "slice-1f1b", 2, make_plan(1, 1, 1, SEQ), steps_traced=True),
+            traced_run(engine, "slice-1f1b", 1, make_plan(1, 4, 3, SEQ), steps_traced=True)]
+    assert measured_step(runs) == pytest.approx(profile.step + TRUE_EXTRA, rel=1e-12)
+    # A stage that reaches its step early waits in it for the others: that longer STEP does not count.
+    last = max((row[-2], row[0]) for row in runs[0].traces[0] if row[1] == STEP)[1]
+    early = [row[:-1] + [row[-1] + (0.5 if row[0] != last else 0.0)] if row[1] == STEP else row
+             for row in runs[0].traces[0]]
+    assert measured_step([runs[0]._replace(traces=[early])]) == pytest.approx(profile.step + TRUE_EXTRA, rel=1e-12)
+    assert measured_step([traced_run(engine, "slice-1f1b", 1, make_plan(1, 4, 3, SEQ))]) is None
+    one = calibrate(profile, runs[1:])
+    assert one.step_extra == pytest.approx(TRUE_EXTRA, rel=1e-9) and one.gap == pytest.approx(TRUE_GAP, rel=1e-6)
+    many = make_plan(1, 8, 3, SEQ)  # units of 3 sequences, as the run's (one run cannot tell per sequence)
+    actual = engine.simulate("terapipe", 6, many).makespan
+    assert one.apply(profile).simulate("terapipe", 6, many).makespan == pytest.approx(actual, rel=1e-6)
+    untraced = calibrate(profile, [run._replace(traces=[[r for r in t if r[1] != STEP] for t in run.traces])
+                                   for run in runs[1:]])
+    assert untraced.gap == 0.0
+    assert untraced.apply(profile).simulate("terapipe", 6, many).makespan < 0.95 * actual
 
 
 def test_noisy_traces_predict_a_held_out_run_within_the_stated_error():

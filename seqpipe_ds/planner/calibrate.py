@@ -22,11 +22,13 @@ batch too) the data chooses between the two. Where the traced units have one siz
 alone (measured over modelled seconds) is used. A step
 also spends time outside its units. Some is the same for every slicing (the optimizer step beyond
 the profiled one, the tied-embedding all-reduce, barriers: 0.1-0.2 s per step on the Xeon at the
-default GPT): ``step_extra``, added to each stage's step. Some comes with every instruction (the
-engine's loop, receive buffers, the sends' bookkeeping around each forward and backward): ``gap``,
+default GPT): ``step_extra``, added to each stage's step; the engine traces its step too, and where
+the traces have it, it is taken as measured (``measured_step``). Some comes with every instruction
+(the engine's loop, receive buffers, the sends' bookkeeping around each forward and backward): ``gap``,
 charged by the simulator around each F and B. At batch 8 on the 2-core EPYC a per-step constant
 alone priced the 128-units-per-stage runs 10-11% low while pricing 16 units right. Both terms fitted
-from the steps (``_step_terms``; the calibration runs have 2-16 units per stage), refitted on that
+from the steps (``_step_terms``, the gap alone where the step is measured; the calibration runs have
+2-16 units per stage), refitted on that
 bench's second calibration, priced all 13 timed runs within +0.5% to +6.8%; on its first, made while the
 host apparently ran faster than during the timed runs, -18% to -4%
 (``benchmarks/results/bench_b8_gap_refit_epyc.txt``).
@@ -43,12 +45,12 @@ import os
 import tempfile
 import statistics
 from dataclasses import dataclass, replace
-from typing import Dict, Iterable, List, Mapping, NamedTuple, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import lsq_linear, nnls
 
-from ..schedules.actions import FORWARD
+from ..schedules.actions import BACKWARD, FORWARD, STEP
 from ..slicing import SlicePlan
 from .costs import CostModel
 
@@ -116,7 +118,8 @@ def _units(costs: CostModel, runs: Iterable[Run]):
         durations: Dict[Tuple, List[float]] = {}
         for trace in traces:
             for stage, kind, m, b, s, start, end in trace:
-                durations.setdefault((int(stage), kind, int(m), int(b), int(s)), []).append(end - start)
+                if kind in (FORWARD, BACKWARD):
+                    durations.setdefault((int(stage), kind, int(m), int(b), int(s)), []).append(end - start)
         units: Dict[Tuple[int, bool], List[Tuple[float, float, int]]] = {}
         for (stage, kind, _, b, s), seconds in durations.items():
             forward = kind == FORWARD
@@ -172,7 +175,9 @@ def calibrate(costs: CostModel, runs: Sequence[Run]) -> Calibration:
     scale, unit_extra, sequence_extra = term(0), term(1), term(2)
     calibrated = replace(costs, scale=scale, unit_extra=unit_extra or None, sequence_extra=sequence_extra or None)
     measured = [statistics.median(run.step_times) for run in runs]
-    extra, gap, simulated = _step_terms(calibrated, runs, measured)
+    step = measured_step(runs)
+    extra, gap, simulated = _step_terms(calibrated, runs, measured,
+                                        None if step is None else max(0.0, step - costs.step))
     # The stated error: the worse of how far a run's step and a run's summed units on one stage stay off.
     steps = max(abs((s + extra) / m - 1) for m, s in zip(measured, simulated))
 
@@ -190,11 +195,31 @@ def calibrate(costs: CostModel, runs: Sequence[Run]) -> Calibration:
 GAP_STEP = 1e-3  # seconds: the trial gap whose effect on a simulated step gives the step's slope in the gap
 
 
-def _step_terms(calibrated: CostModel, runs: Sequence[Run],
-                measured: Sequence[float]) -> Tuple[float, float, np.ndarray]:
+def measured_step(runs: Sequence[Run]) -> Optional[float]:
+    """The step's seconds as the engine traced it (its STEP rows: the tied-gradient and data-parallel
+    reductions and the optimizer step), or None where the traces have none. Per iteration the stage
+    that reached its step last counts: it waits for no other stage there, and it ends the iteration
+    (the others wait inside their tied-gradient reduction for it). The median over every run's
+    iterations, as all slicings step the same parameters.
+
+    Why measured: fitted from the step times alone, the step's time and the gap trade off against each
+    other over a few calibration runs; on the 2-core Xeon (2026-12-04) the fit put 0 s into the step
+    and 2 ms into the gap, while the step took 45 ms (the profiled optimizer step: 21 ms), and the
+    slice-zb rows were priced 5-11% low."""
+    durations = []
+    for run in runs:
+        for trace in run.traces:
+            steps = [(start, end - start) for _, kind, *_, start, end in trace if kind == STEP]
+            if steps:
+                durations.append(max(steps)[1])
+    return float(np.median(durations)) if durations else None
+
+
+def _step_terms(calibrated: CostModel, runs: Sequence[Run], measured: Sequence[float],
+                extra: Optional[float] = None) -> Tuple[float, float, np.ndarray]:
     """(seconds per step, seconds of gap around every F and B, the runs' simulated steps with that gap)
     that make the simulated steps of the calibrated units meet the measured ones, by least squares
-    with both >= 0. A simulated step is
+    with both >= 0; with ``extra`` (seconds per step, measured) the gap alone. A simulated step is
     piecewise linear in the gap (the longest path's number of instructions times it), so the fit is
     Gauss-Newton: linearized at the current gap by the slope over ``GAP_STEP``, refitted until it
     stays. Where the runs cannot tell the two apart (one run, or steps of one slope) the gap is 0 and
@@ -205,19 +230,24 @@ def _step_terms(calibrated: CostModel, runs: Sequence[Run],
     measured = np.array(measured, dtype=float)
     at_zero = steps(0.0)
     slopes = (steps(GAP_STEP) - at_zero) / GAP_STEP
-    if len(runs) < 2 or np.ptp(slopes) <= 1e-9 * max(1.0, slopes.max()):
+    if extra is None and (len(runs) < 2 or np.ptp(slopes) <= 1e-9 * max(1.0, slopes.max())):
         return max(0.0, float(np.median(measured - at_zero))), 0.0, at_zero
     gap, at_gap = 0.0, at_zero
     for _ in range(8):
-        found = lsq_linear(np.stack([np.ones_like(slopes), slopes], axis=1), measured - at_gap + slopes * gap,
-                           bounds=([0.0, 0.0], [np.inf, np.inf]), method="bvls").x
-        extra, moved = float(found[0]), abs(float(found[1]) - gap)
-        gap = float(found[1])
+        if extra is None:
+            found = lsq_linear(np.stack([np.ones_like(slopes), slopes], axis=1), measured - at_gap + slopes * gap,
+                               bounds=([0.0, 0.0], [np.inf, np.inf]), method="bvls").x
+            fitted_extra, fitted_gap = float(found[0]), float(found[1])
+        else:
+            target = measured - extra - at_gap + slopes * gap
+            fitted_extra = extra
+            fitted_gap = max(0.0, float(slopes @ target / (slopes @ slopes))) if slopes @ slopes > 0 else 0.0
+        moved, gap = abs(fitted_gap - gap), fitted_gap
         if moved <= 1e-12:
             break
         at_gap = steps(gap)
         slopes = (steps(gap + GAP_STEP) - at_gap) / GAP_STEP
-    return extra, gap, at_gap
+    return fitted_extra, gap, at_gap
 
 
 def misses(calibration: Calibration, held_out: Mapping[str, Tuple[float, float]]) -> List[str]:
