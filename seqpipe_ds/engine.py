@@ -167,7 +167,7 @@ class SeqPipeEngine(PipelineEngine):
 
     def _exec_optimizer_step(self, lr_kwargs=None):
         """DeepSpeed's, the last instruction of the step: with tracing on, records the STEP from the
-        tied-gradient reduction to here (the calibration measures the step's time from it)."""
+        tied-gradient reduction to here (the calibration measures the step from its start)."""
         super()._exec_optimizer_step(lr_kwargs)
         if self.slice_trace is not None:
             self._record(Action(STEP), self._step_started)

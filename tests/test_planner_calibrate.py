@@ -130,11 +130,16 @@ def test_the_step_traced_by_the_engine_is_taken_as_measured():
     runs = [traced_run(engine, "slice-1f1b", 2, make_plan(1, 1, 1, SEQ), steps_traced=True),
             traced_run(engine, "slice-1f1b", 1, make_plan(1, 4, 3, SEQ), steps_traced=True)]
     assert measured_step(runs) == pytest.approx(profile.step + TRUE_EXTRA, rel=1e-12)
-    # A stage that reaches its step early waits in it for the others: that longer STEP does not count.
-    last = max((row[-2], row[0]) for row in runs[0].traces[0] if row[1] == STEP)[1]
-    early = [row[:-1] + [row[-1] + (0.5 if row[0] != last else 0.0)] if row[1] == STEP else row
-             for row in runs[0].traces[0]]
-    assert measured_step([runs[0]._replace(traces=[early])]) == pytest.approx(profile.step + TRUE_EXTRA, rel=1e-12)
+    # From the last stage's STEP start to the iteration's end: a stage that steps early (and waits in
+    # its step for the others) does not count, what the iteration spends after the steps does.
+    first = runs[0]
+    last = max(row[-2] for row in first.traces[0] if row[1] == STEP)
+    early = [row[:-2] + [row[-2] - 0.5, row[-1]] if row[1] == STEP and row[-2] < last else row
+             for row in first.traces[0]]
+    assert measured_step([first._replace(traces=[early], step_times=first.step_times[:1])]) == pytest.approx(
+        profile.step + TRUE_EXTRA, rel=1e-12)
+    later = first._replace(step_times=[t + 0.01 for t in first.step_times])
+    assert measured_step([later]) == pytest.approx(profile.step + TRUE_EXTRA + 0.01, rel=1e-12)
     assert measured_step([traced_run(engine, "slice-1f1b", 1, make_plan(1, 4, 3, SEQ))]) is None
     one = calibrate(profile, runs[1:])
     assert one.step_extra == pytest.approx(TRUE_EXTRA, rel=1e-9) and one.gap == pytest.approx(TRUE_GAP, rel=1e-6)

@@ -196,11 +196,13 @@ GAP_STEP = 1e-3  # seconds: the trial gap whose effect on a simulated step gives
 
 
 def measured_step(runs: Sequence[Run]) -> Optional[float]:
-    """The step's seconds as the engine traced it (its STEP rows: the tied-gradient and data-parallel
-    reductions and the optimizer step), or None where the traces have none. Per iteration the stage
-    that reached its step last counts: it waits for no other stage there, and it ends the iteration
-    (the others wait inside their tied-gradient reduction for it). The median over every run's
-    iterations, as all slicings step the same parameters.
+    """The step's seconds as the engine ran it, or None where the traces have no STEP rows: per
+    iteration, from the start of the last stage's STEP (the tied-gradient and data-parallel reductions
+    and the optimizer step; a stage that gets there earlier waits in its reductions for that one) to
+    the end of the iteration (what DeepSpeed's train_batch does after the schedule, such as the loss's
+    broadcast, included), which is what the simulator charges as the step. The median over every
+    run's iterations, as all slicings step the same parameters. (Trace rows and step times both count
+    from the iteration's start.)
 
     Why measured: fitted from the step times alone, the step's time and the gap trade off against each
     other over a few calibration runs; on the 2-core Xeon (2026-12-04) the fit put 0 s into the step
@@ -208,10 +210,10 @@ def measured_step(runs: Sequence[Run]) -> Optional[float]:
     slice-zb rows were priced 5-11% low."""
     durations = []
     for run in runs:
-        for trace in run.traces:
-            steps = [(start, end - start) for _, kind, *_, start, end in trace if kind == STEP]
-            if steps:
-                durations.append(max(steps)[1])
+        for trace, step_time in zip(run.traces, run.step_times):
+            starts = [start for _, kind, *_, start, _ in trace if kind == STEP]
+            if starts:
+                durations.append(step_time - max(starts))
     return float(np.median(durations)) if durations else None
 
 
