@@ -3,8 +3,9 @@
 Only the slice-level data path is new: loading a micro-batch once and handing out views of it,
 a KV cache per (micro-batch, batch slice), one loss per slice (scaled by the micro-batch's
 normalizer so the slices add up to the unsliced loss), dK/dV fed into the backward of earlier
-slices, and p2p of slice-shaped tensors whose shapes both neighbours know from the plan. Which
-instruction runs when is the lowered program of the configured schedule (``schedules``).
+slices, and p2p of slice-shaped tensors whose shapes both neighbours know from the plan, each
+receive posted ahead where ``lowering.receive_posts`` says. Which instruction runs when is the
+lowered program of the configured schedule (``schedules``).
 Gradient reduction, the optimizer step, loss aggregation and checkpointing are DeepSpeed's own.
 """
 import time
