@@ -120,10 +120,10 @@ def test_the_gap_around_every_instruction_is_fitted_from_the_steps():
 
 
 def test_the_step_traced_by_the_engine_is_taken_as_measured():
-    """With the engine's STEP in the traces the step's time is measured, not fitted: even one run, which
-    cannot tell the gap from the step's time by its step alone, then gives both exactly (the stage
-    that steps last is the one that counts), and a held-out run of many more units is predicted
-    exactly; from traces without STEP rows the gap stays 0 there and that run is priced low."""
+    """With the engine's STEP in the traces the step's time is measured (the fit keeps at least that):
+    even one run, which cannot tell the gap from the step's time by its step alone, then gives both
+    exactly (the stage that steps last is the one that counts), and a held-out run of many more units
+    is predicted exactly; from traces without STEP rows the gap stays 0 there and that run is priced low."""
     from seqpipe_ds.planner.calibrate import measured_step
     profile = profile_costs()
     engine = engine_of(profile, TRUE_GAP)
@@ -146,6 +146,18 @@ def test_the_step_traced_by_the_engine_is_taken_as_measured():
     many = make_plan(1, 8, 3, SEQ)  # units of 3 sequences, as the run's (one run cannot tell per sequence)
     actual = engine.simulate("terapipe", 6, many).makespan
     assert one.apply(profile).simulate("terapipe", 6, many).makespan == pytest.approx(actual, rel=1e-6)
+    # The measured step is a floor of the fitted one: a step that also spends time the simulator places
+    # nowhere (0.05 s here, before its STEP) gets it added, fitted with the gap from runs that tell them apart.
+    three = [traced_run(engine, "slice-1f1b", 2, make_plan(1, 1, 1, SEQ), steps_traced=True),
+             traced_run(engine, "slice-1f1b", 2, make_plan(1, 4, 1, SEQ), steps_traced=True),
+             traced_run(engine, "slice-1f1b", 1, make_plan(1, 4, 3, SEQ), steps_traced=True)]
+    unplaced = [run._replace(step_times=[t + 0.05 for t in run.step_times],
+                             traces=[[r[:-2] + [r[-2] + 0.05, r[-1] + 0.05] if r[1] == STEP else r for r in t]
+                                     for t in run.traces]) for run in three]
+    assert measured_step(unplaced) == pytest.approx(profile.step + TRUE_EXTRA, rel=1e-12)
+    more = calibrate(profile, unplaced)
+    assert more.step_extra == pytest.approx(TRUE_EXTRA + 0.05, rel=1e-9) and more.gap == pytest.approx(TRUE_GAP,
+                                                                                                       rel=1e-6)
     untraced = calibrate(profile, [run._replace(traces=[[r for r in t if r[1] != STEP] for t in run.traces])
                                    for run in runs[1:]])
     assert untraced.gap == 0.0

@@ -23,12 +23,12 @@ alone (measured over modelled seconds) is used. A step
 also spends time outside its units. Some is the same for every slicing (the optimizer step beyond
 the profiled one, the tied-embedding all-reduce, barriers: 0.1-0.2 s per step on the Xeon at the
 default GPT): ``step_extra``, added to each stage's step; the engine traces its step too, and where
-the traces have it, it is taken as measured (``measured_step``). Some comes with every instruction
+the traces have it, the fit keeps at least that (``measured_step``). Some comes with every instruction
 (the engine's loop, receive buffers, the sends' bookkeeping around each forward and backward): ``gap``,
 charged by the simulator around each F and B. At batch 8 on the 2-core EPYC a per-step constant
 alone priced the 128-units-per-stage runs 10-11% low while pricing 16 units right. Both terms fitted
-from the steps (``_step_terms``, the gap alone where the step is measured; the calibration runs have
-2-16 units per stage), refitted on that
+from the steps (``_step_terms``, the seconds per step at least the measured step; the calibration
+runs have 2-16 units per stage), refitted on that
 bench's second calibration, priced all 13 timed runs within +0.5% to +6.8%; on its first, made while the
 host apparently ran faster than during the timed runs, -18% to -4%
 (``benchmarks/results/bench_b8_gap_refit_epyc.txt``).
@@ -207,7 +207,9 @@ def measured_step(runs: Sequence[Run]) -> Optional[float]:
     Why measured: fitted from the step times alone, the step's time and the gap trade off against each
     other over a few calibration runs; on the 2-core Xeon (2026-12-04) the fit put 0 s into the step
     and 2 ms into the gap, while the step took 45 ms (the profiled optimizer step: 21 ms), and the
-    slice-zb rows were priced 5-11% low."""
+    slice-zb rows were priced 5-11% low. It is a lower bound of the fitted seconds per step, not all
+    of them: at batch 8 the same Xeon's steps hold 0.15-0.23 s that the simulator places nowhere
+    (the traced step: 26 ms); forced into the gap alone they priced 8-slice rows up to 31% high."""
     durations = []
     for run in runs:
         for trace, step_time in zip(run.traces, run.step_times):
@@ -218,38 +220,40 @@ def measured_step(runs: Sequence[Run]) -> Optional[float]:
 
 
 def _step_terms(calibrated: CostModel, runs: Sequence[Run], measured: Sequence[float],
-                extra: Optional[float] = None) -> Tuple[float, float, np.ndarray]:
+                least: Optional[float] = None) -> Tuple[float, float, np.ndarray]:
     """(seconds per step, seconds of gap around every F and B, the runs' simulated steps with that gap)
     that make the simulated steps of the calibrated units meet the measured ones, by least squares
-    with both >= 0; with ``extra`` (seconds per step, measured) the gap alone. A simulated step is
-    piecewise linear in the gap (the longest path's number of instructions times it), so the fit is
-    Gauss-Newton: linearized at the current gap by the slope over ``GAP_STEP``, refitted until it
-    stays. Where the runs cannot tell the two apart (one run, or steps of one slope) the gap is 0 and
-    the step's extra time the median residual, as the host's one slow run moves a median least."""
+    with both >= 0, and the seconds per step >= ``least`` (what the engine's traced step measured
+    beyond the profiled one): the step takes at least that, and what the simulator leaves out
+    elsewhere in a step may add to it. A simulated step is piecewise linear in the gap (the longest
+    path's number of instructions times it), so the fit is Gauss-Newton: linearized at the current
+    gap by the slope over ``GAP_STEP``, refitted until it stays. Where the runs cannot tell the two
+    apart (one run, or steps of one slope): with ``least`` the seconds per step are that and the gap
+    alone is fitted; without it the gap is 0 and the seconds per step the median residual, as the
+    host's one slow run moves a median least."""
     def steps(gap):
         return np.array([replace(calibrated, gap=gap).simulate(run.schedule, run.micro_batches, run.plan).makespan
                          for run in runs])
     measured = np.array(measured, dtype=float)
     at_zero = steps(0.0)
     slopes = (steps(GAP_STEP) - at_zero) / GAP_STEP
-    if extra is None and (len(runs) < 2 or np.ptp(slopes) <= 1e-9 * max(1.0, slopes.max())):
+    apart = len(runs) >= 2 and np.ptp(slopes) > 1e-9 * max(1.0, slopes.max())
+    if not apart and least is None:
         return max(0.0, float(np.median(measured - at_zero))), 0.0, at_zero
-    gap, at_gap = 0.0, at_zero
+    gap, at_gap, extra = 0.0, at_zero, least or 0.0
     for _ in range(8):
-        if extra is None:
-            found = lsq_linear(np.stack([np.ones_like(slopes), slopes], axis=1), measured - at_gap + slopes * gap,
-                               bounds=([0.0, 0.0], [np.inf, np.inf]), method="bvls").x
-            fitted_extra, fitted_gap = float(found[0]), float(found[1])
+        target = measured - at_gap + slopes * gap
+        if apart:
+            extra, fitted = lsq_linear(np.stack([np.ones_like(slopes), slopes], axis=1), target,
+                                       bounds=([least or 0.0, 0.0], [np.inf, np.inf]), method="bvls").x
         else:
-            target = measured - extra - at_gap + slopes * gap
-            fitted_extra = extra
-            fitted_gap = max(0.0, float(slopes @ target / (slopes @ slopes))) if slopes @ slopes > 0 else 0.0
-        moved, gap = abs(fitted_gap - gap), fitted_gap
+            fitted = max(0.0, float(slopes @ (target - extra) / (slopes @ slopes))) if slopes @ slopes > 0 else 0.0
+        moved, gap = abs(float(fitted) - gap), float(fitted)
         if moved <= 1e-12:
             break
         at_gap = steps(gap)
         slopes = (steps(gap + GAP_STEP) - at_gap) / GAP_STEP
-    return fitted_extra, gap, at_gap
+    return float(extra), gap, at_gap
 
 
 def misses(calibration: Calibration, held_out: Mapping[str, Tuple[float, float]]) -> List[str]:
