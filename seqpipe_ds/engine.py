@@ -173,6 +173,14 @@ class SeqPipeEngine(PipelineEngine):
         if self.slice_trace is not None:
             self._record(Action(STEP), self._step_started)
 
+    def allreduce_no_retain(self, bucket, dp_group, numel_per_bucket=500000000, dp_world_size=None):
+        """DeepSpeed's, except where it cannot change a value: a data-parallel group of one rank
+        reducing in the gradients' own dtype, with no pre- and post-scaling pair that rounds. There
+        DeepSpeed would flatten every gradient, all-reduce alone and copy back (17-25 ms a step for
+        this repo's bench stages, ``benchmarks/results/profile_step_b1_xeon.txt``)."""
+        if not reduction_is_identity(self, bucket, dp_world_size):
+            super().allreduce_no_retain(bucket, dp_group, numel_per_bucket, dp_world_size)
+
     def _exec_send_slice_activation(self, micro_batch, unit):
         outputs = self._outputs[(micro_batch, *unit)]
         tensors = _stage_tensors(outputs)
@@ -260,6 +268,15 @@ class SeqPipeEngine(PipelineEngine):
         ins.ReduceTiedGrads: _exec_reduce_tied_grads,
         ins.OptimizerStep: _exec_optimizer_step,
     }
+
+
+def reduction_is_identity(engine, bucket, dp_world_size):
+    """Whether DeepSpeed's dense all-reduce of ``bucket`` (``DeepSpeedEngine.allreduce_bucket``) leaves
+    every value as it is: one rank, no cast to another communication dtype and back, and no
+    ``1 / predivide`` then ``predivide / 1`` scaling, which rounds."""
+    if dp_world_size != 1 or any(t.dtype != engine.communication_data_type for t in bucket):
+        return False
+    return not (engine.gradient_average and engine.postscale_gradients() and engine.gradient_predivide_factor() != 1.0)
 
 
 def _stage_tensors(outputs):
